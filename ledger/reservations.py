@@ -1,0 +1,238 @@
+"""Holds on credits around a call: reserve the worst case, then settle, release or expire."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from ledger.db import Conn, fetch, fetchrow
+from ledger.errors import InsufficientCredits
+
+
+class ReservationStatus(StrEnum):
+    PENDING = "pending"
+    SETTLED = "settled"
+    RELEASED = "released"
+    EXPIRED = "expired"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True)
+class Reservation:
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    status: ReservationStatus
+    amount_micro: int  # held
+    spendable_micro: int  # left to spend after this hold
+    expires_at: datetime
+    replayed: bool  # the key had been used before: this is the original outcome
+
+
+@dataclass(frozen=True)
+class ChargeSnapshot:
+    """What a charge was computed from; stored on the consumption entry."""
+
+    model: str
+    provider: str | None = None
+    input_usd_per_mtok: Decimal | None = None
+    output_usd_per_mtok: Decimal | None = None
+    credit_multiplier: Decimal | None = None
+    credits_per_usd: Decimal | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    estimated_micro: int | None = None
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Settlement:
+    status: ReservationStatus  # settled, or how the hold had already ended
+    applied: bool  # False: the hold was resolved before; nothing changed now
+    transaction_id: int | None
+    charged_micro: int | None
+    available_micro: int
+    spendable_micro: int
+    monthly_credits_micro: int
+
+
+@dataclass(frozen=True)
+class Release:
+    status: ReservationStatus
+    applied: bool
+    amount_micro: int
+    available_micro: int
+    spendable_micro: int
+
+
+@dataclass(frozen=True)
+class PendingReservation:
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    amount_micro: int
+    capability: str | None
+    quality: str | None
+    model: str | None
+    request_id: str | None
+    created_at: datetime
+    expires_at: datetime
+
+
+async def reserve(
+    conn: Conn,
+    organization_id: uuid.UUID,
+    key: str,
+    *,
+    minimum_micro: int,
+    requested_micro: int,
+    ttl_s: int,
+    capability: str | None = None,
+    quality: str | None = None,
+    model: str | None = None,
+    request_id: str | None = None,
+) -> Reservation:
+    """Hold between `minimum_micro` and `requested_micro`, as much as the balance allows.
+
+    Raises InsufficientCredits when even the minimum cannot be held; that refusal is
+    remembered, so the same key is refused again. Idempotent by `key`.
+    """
+    row = await fetchrow(
+        conn,
+        "SELECT * FROM credit_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        organization_id,
+        key,
+        minimum_micro,
+        requested_micro,
+        ttl_s,
+        capability,
+        quality,
+        model,
+        request_id,
+    )
+    status = ReservationStatus(row["status"])
+    if status is ReservationStatus.REJECTED:
+        raise InsufficientCredits(minimum_micro, row["spendable_micro"])
+    return Reservation(
+        id=row["reservation_id"],
+        organization_id=organization_id,
+        status=status,
+        amount_micro=row["amount_micro"],
+        spendable_micro=row["spendable_micro"],
+        expires_at=row["expires_at"],
+        replayed=row["replayed"],
+    )
+
+
+async def settle(
+    conn: Conn,
+    organization_id: uuid.UUID,
+    reservation_id: uuid.UUID,
+    charge_micro: int,
+    snapshot: ChargeSnapshot | None = None,
+) -> Settlement:
+    """Charge `charge_micro` against a hold and give back the rest. Idempotent."""
+    s = snapshot or ChargeSnapshot(model="")
+    row = await fetchrow(
+        conn,
+        "SELECT * FROM credit_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        organization_id,
+        reservation_id,
+        charge_micro,
+        s.model or None,
+        s.provider,
+        s.input_usd_per_mtok,
+        s.output_usd_per_mtok,
+        s.credit_multiplier,
+        s.credits_per_usd,
+        s.prompt_tokens,
+        s.completion_tokens,
+        s.estimated_micro,
+        None if s.metadata is None else json.dumps(s.metadata),
+    )
+    return Settlement(
+        status=ReservationStatus(row["status"]),
+        applied=row["applied"],
+        transaction_id=row["transaction_id"],
+        charged_micro=row["charged_micro"],
+        available_micro=row["available_micro"],
+        spendable_micro=row["spendable_micro"],
+        monthly_credits_micro=row["monthly_credits_micro"],
+    )
+
+
+async def release(
+    conn: Conn, organization_id: uuid.UUID, reservation_id: uuid.UUID, reason: str | None = None
+) -> Release:
+    """Give a hold back after a failed call. Idempotent."""
+    row = await fetchrow(
+        conn,
+        "SELECT * FROM credit_release($1, $2, $3, false)",
+        organization_id,
+        reservation_id,
+        reason,
+    )
+    return _release(row)
+
+
+async def expire(
+    conn: Conn, organization_id: uuid.UUID, reservation_id: uuid.UUID, now: datetime | None = None
+) -> Release:
+    """Expire a hold whose ttl has run out by `now` (a pending hold not yet due stays)."""
+    row = await fetchrow(
+        conn,
+        "SELECT * FROM credit_release($1, $2, 'ttl elapsed', true, coalesce($3, now()))",
+        organization_id,
+        reservation_id,
+        now,
+    )
+    return _release(row)
+
+
+def _release(row: Any) -> Release:
+    return Release(
+        status=ReservationStatus(row["status"]),
+        applied=row["applied"],
+        amount_micro=row["amount_micro"],
+        available_micro=row["available_micro"],
+        spendable_micro=row["spendable_micro"],
+    )
+
+
+async def expire_due(conn: Conn, now: datetime | None = None, limit: int = 500) -> int:
+    """Expire up to `limit` holds past their ttl, each in its own transaction; returns how many."""
+    due = await fetch(
+        conn,
+        """SELECT organization_id, id FROM credit_reservations
+            WHERE status = 'pending' AND expires_at <= coalesce($1, now())
+            ORDER BY expires_at LIMIT $2""",
+        now,
+        limit,
+    )
+    expired = 0
+    for row in due:
+        result = await expire(conn, row["organization_id"], row["id"], now)
+        expired += result.applied
+    return expired
+
+
+async def list_pending(
+    conn: Conn, organization_id: uuid.UUID | None = None, limit: int = 500
+) -> list[PendingReservation]:
+    """Pending holds, oldest first, for one organization or all."""
+    rows = await fetch(
+        conn,
+        """SELECT r.id, r.organization_id, r.amount_micro, c.unique_name AS capability,
+                  q.unique_name AS quality, r.model, r.request_id, r.created_at, r.expires_at
+             FROM credit_reservations r
+             LEFT JOIN ai_capabilities c ON c.id = r.ai_capability_id
+             LEFT JOIN quality_levels q ON q.id = r.quality_level_id
+            WHERE r.status = 'pending' AND ($1::uuid IS NULL OR r.organization_id = $1)
+            ORDER BY r.created_at LIMIT $2""",
+        organization_id,
+        limit,
+    )
+    return [PendingReservation(**dict(row)) for row in rows]

@@ -1,0 +1,10 @@
+DROP TABLE credit_topup_packages;
+DROP TABLE plan_quality_level_models;
+DROP TABLE llm_models;
+DROP TABLE plan_ai_capability_quality_levels;
+DROP TABLE plan_ai_capabilities;
+DROP TABLE plans;
+DROP TABLE ai_capabilities;
+DROP TABLE quality_levels;
+DROP TABLE llm_providers;
+DROP FUNCTION set_updated_at();

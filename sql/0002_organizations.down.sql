@@ -1,0 +1,3 @@
+DROP TABLE api_keys;
+DROP TABLE organization_plans;
+DROP TABLE organizations;

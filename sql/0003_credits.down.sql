@@ -1,0 +1,9 @@
+DROP FUNCTION get_spendable_credits(uuid);
+DROP FUNCTION get_available_credits(uuid);
+DROP FUNCTION get_used_this_period(uuid);
+DROP TABLE credit_notifications;
+DROP TABLE credit_transactions;
+DROP FUNCTION credit_transactions_append_only();
+DROP TABLE credit_reservations;
+DROP FUNCTION credit_reservations_guard();
+DROP TABLE organization_credit_balances;
