@@ -6,13 +6,34 @@ from aiohttp import web
 
 from gateway import resources
 from gateway.config import Config
+from gateway.errors import error_middleware
+from gateway.metrics import Metrics
 from gateway.routes import add_routes
 
 
-def create_app(config: Config, *, database_url: str) -> web.Application:
-    app = web.Application(client_max_size=config.server.max_body_bytes)
+def create_app(
+    config: Config,
+    *,
+    database_url: str,
+    admin_key: str,
+    sandbox: bool = False,
+    metrics: Metrics | None = None,
+) -> web.Application:
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+    )
     app[resources.CONFIG] = config
     app[resources.DATABASE_URL] = database_url
-    app.cleanup_ctx.append(resources.postgres_pool)
+    app[resources.ADMIN_KEY] = admin_key
+    app[resources.SANDBOX] = sandbox
+    app[resources.METRICS] = metrics or Metrics()
+    app.cleanup_ctx.extend(
+        [
+            resources.postgres_pool,
+            resources.http_session,
+            resources.provider_bases,
+            resources.services,
+        ]
+    )
     add_routes(app)
     return app

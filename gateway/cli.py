@@ -68,12 +68,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         config = load_config(config_path(args.config))
         if args.command == "check-config":
-            print(f"{config_path(args.config)}: ok ({len(config.models)} models, "
-                  f"{len(config.plans)} plans, {len(config.capabilities)} capabilities)")
+            print(
+                f"{config_path(args.config)}: ok ({len(config.models)} models, "
+                f"{len(config.plans)} plans, {len(config.capabilities)} capabilities)"
+            )
             return 0
         if args.command == "serve":
             from gateway.server import serve
@@ -157,4 +161,3 @@ async def _credits_grant(dsn: str, config: Config, args: argparse.Namespace) -> 
         )
         t = posted.transaction
         return {"id": t.id, "amount_micro": t.amount_micro, "replayed": posted.replayed}
-

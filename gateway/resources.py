@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
+import aiohttp
 import asyncpg
 from aiohttp import web
 
+from gateway.auth import KeyCache
 from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
+from gateway.services import Services
+from gateway.upstream.base import Target, UpstreamClient
+from gateway.upstream.openai import OpenAIClient
+from gateway.upstream.translated import TranslatedClient
+from policies.catalog import ProviderKind
 
 CONFIG = web.AppKey("config", Config)
 DATABASE_URL = web.AppKey("database_url", str)
+ADMIN_KEY = web.AppKey("admin_key", str)
+SANDBOX = web.AppKey("sandbox", bool)
+METRICS = web.AppKey("metrics", Metrics)
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+PROVIDER_BASES = web.AppKey("provider_bases", dict[str, str])  # provider name -> api_base
+SERVICES = web.AppKey("services", Services)
+
+UPSTREAM_READ_BUFSIZE = 1 << 20  # SSE lines (a large tool call) may be long
 
 
 async def postgres_pool(app: web.Application) -> AsyncIterator[None]:
@@ -22,3 +40,64 @@ async def postgres_pool(app: web.Application) -> AsyncIterator[None]:
     app[DB_POOL] = pool
     yield
     await pool.close()
+
+
+async def http_session(app: web.Application) -> AsyncIterator[None]:
+    """One pooled client session for every upstream call."""
+    connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+    async with aiohttp.ClientSession(
+        connector=connector, read_bufsize=UPSTREAM_READ_BUFSIZE, auto_decompress=True
+    ) as session:
+        app[HTTP_SESSION] = session
+        yield
+
+
+async def provider_bases(app: web.Application) -> AsyncIterator[None]:
+    """Where each provider is: its configured api_base, or the simulator in sandbox mode."""
+    config = app[CONFIG]
+    if not app[SANDBOX]:
+        app[PROVIDER_BASES] = {name: p.api_base for name, p in config.providers.items()}
+        yield
+        return
+    from gateway.upstream.sandbox import running_simulator
+
+    async with running_simulator() as bases:
+        app[PROVIDER_BASES] = {name: bases[p.kind] for name, p in config.providers.items()}
+        yield
+
+
+def _targets(config: Config, bases: dict[str, str], sandbox: bool) -> dict[str, Target]:
+    targets = {}
+    for name, model in config.models.items():
+        provider = config.providers[model.provider]
+        key = "sandbox" if sandbox else os.environ.get(provider.api_key_env)
+        targets[name] = Target(
+            name, model.upstream, model.provider, provider.kind, bases[model.provider], key
+        )
+    return targets
+
+
+async def services(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    timeouts = {
+        "timeout_s": config.server.upstream_timeout_s,
+        "connect_timeout_s": config.server.upstream_connect_timeout_s,
+    }
+    translated = TranslatedClient(**timeouts)
+    clients: dict[ProviderKind, UpstreamClient] = {
+        ProviderKind.OPENAI: OpenAIClient(app[HTTP_SESSION], **timeouts),
+        ProviderKind.ANTHROPIC: translated,
+        ProviderKind.GEMINI: translated,
+    }
+    app[SERVICES] = Services(
+        config=config,
+        pool=app[DB_POOL],
+        keys=KeyCache(),
+        clients=clients,
+        targets=_targets(config, app[PROVIDER_BASES], app[SANDBOX]),
+        limiter=RateLimiter(),
+        metrics=app[METRICS],
+        admin_key=app[ADMIN_KEY],
+        sandbox=app[SANDBOX],
+    )
+    yield

@@ -58,10 +58,13 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         asyncio.run(bootstrap(services.database_url, config))
         host = args.host or config.server.host
         port = args.port if args.port is not None else config.server.port
+        admin = admin_key()
         if args.demo:
             key = asyncio.run(create_demo(services.database_url))
-            _print_demo(host, port, key, admin_key())
-        app = create_app(config, database_url=services.database_url)
+            _print_demo(host, port, key, admin)
+        app = create_app(
+            config, database_url=services.database_url, admin_key=admin, sandbox=args.sandbox
+        )
         web.run_app(app, host=host, port=port, print=None, access_log=None)
     finally:
         services.stop()

@@ -53,6 +53,7 @@ async def counts(conn: asyncpg.Connection) -> SeedCounts:
                   (SELECT count(*) FROM plan_quality_level_models) AS model_mappings,
                   (SELECT count(*) FROM credit_topup_packages WHERE is_active) AS topup_packages"""
     )
+    assert row is not None  # an aggregate query always returns its row
     return SeedCounts(**dict(row))
 
 
@@ -67,15 +68,16 @@ async def _deactivate(conn: asyncpg.Connection, table: str, keep: list[str]) -> 
 async def _providers(conn: asyncpg.Connection, cat: Catalog) -> None:
     await conn.executemany(
         """INSERT INTO llm_providers (unique_name, kind, api_base) VALUES ($1, $2, $3)
-           ON CONFLICT (unique_name) DO UPDATE SET kind = excluded.kind, api_base = excluded.api_base
-           WHERE (llm_providers.kind, llm_providers.api_base) IS DISTINCT FROM (excluded.kind, excluded.api_base)""",
+           ON CONFLICT (unique_name) DO UPDATE
+              SET kind = excluded.kind, api_base = excluded.api_base""",
         [(name, p.kind.value, p.api_base) for name, p in cat.providers.items()],
     )
 
 
 async def _quality_levels(conn: asyncpg.Connection, cat: Catalog) -> None:
     await conn.executemany(
-        """INSERT INTO quality_levels (unique_name, name, description, display_order, credit_multiplier)
+        """INSERT INTO quality_levels (unique_name, name, description, display_order,
+               credit_multiplier)
            VALUES ($1, $2, $3, $4, $5)
            ON CONFLICT (unique_name) DO UPDATE SET name = excluded.name,
                description = excluded.description, display_order = excluded.display_order,
@@ -145,8 +147,8 @@ async def _plans(conn: asyncpg.Connection, cat: Catalog) -> None:
 
 async def _models(conn: asyncpg.Connection, cat: Catalog) -> None:
     await conn.executemany(
-        """INSERT INTO llm_models (unique_name, provider, model_id, mode, display_name, quality_tier,
-               input_cost_per_million, output_cost_per_million, context_window,
+        """INSERT INTO llm_models (unique_name, provider, model_id, mode, display_name,
+               quality_tier, input_cost_per_million, output_cost_per_million, context_window,
                max_output_tokens, deprecated_at, display_order)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
            ON CONFLICT (unique_name) DO UPDATE SET provider = excluded.provider,

@@ -54,12 +54,14 @@ SELECT o.organization_id, 'reserved',
 UNION ALL
 SELECT r.organization_id, 'settlement',
        format('reservation %s is %s, charged %s, with %s consumption entries totalling %s',
-              r.id, r.status, r.charged_micro, count(t.id), coalesce(-sum(t.credits_amount_micro), 0))
+              r.id, r.status, r.charged_micro, count(t.id),
+              coalesce(-sum(t.credits_amount_micro), 0))
   FROM credit_reservations r JOIN orgs USING (organization_id)
   LEFT JOIN credit_transactions t
     ON t.organization_id = r.organization_id AND t.reservation_id = r.id
  GROUP BY r.organization_id, r.id, r.status, r.charged_micro
-HAVING (r.status = 'settled' AND (count(t.id) <> 1 OR -sum(t.credits_amount_micro) <> r.charged_micro))
+HAVING (r.status = 'settled'
+        AND (count(t.id) <> 1 OR -sum(t.credits_amount_micro) <> r.charged_micro))
     OR (r.status <> 'settled' AND count(t.id) <> 0)
 """
 

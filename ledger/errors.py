@@ -1,16 +1,16 @@
 """The ledger's errors. The gateway maps them, by class, to HTTP responses.
 
-    LedgerError
-    ├── InvalidArgument          bad amount, key, name or ttl; nothing was written
-    ├── UnknownOrganization
-    ├── UnknownPlan
-    ├── UnknownCatalogEntry      capability or quality level not in the catalog
-    ├── UnknownReservation
-    ├── IdempotencyConflict      a key reused for a different request
-    ├── PlanChangeNotAllowed     same plan, or a move in the wrong direction
-    ├── InsufficientCredits      a hold was refused (remembered under its key)
-    ├── LedgerImmutable          an attempt to rewrite history
-    └── LedgerUnavailable        PostgreSQL cannot be reached
+LedgerError
+├── InvalidArgument          bad amount, key, name or ttl; nothing was written
+├── UnknownOrganization
+├── UnknownPlan
+├── UnknownCatalogEntry      capability or quality level not in the catalog
+├── UnknownReservation
+├── IdempotencyConflict      a key reused for a different request
+├── PlanChangeNotAllowed     same plan, or a move in the wrong direction
+├── InsufficientCredits      a hold was refused (remembered under its key)
+├── LedgerImmutable          an attempt to rewrite history
+└── LedgerUnavailable        PostgreSQL cannot be reached
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import asyncpg
 
-from ledger.db import translated
+from ledger.db import Conn, translated
 
 # Any constant works; it only has to be the same for every process migrating this database.
 MIGRATION_LOCK_ID = 0x6C6C_6D67_6174_6577
@@ -80,7 +80,7 @@ async def status(conn: asyncpg.Connection) -> list[MigrationStatus]:
     return [MigrationStatus(m.version, m.name, applied.get(m.version)) for m in discover()]
 
 
-async def pending(conn: asyncpg.Connection) -> list[int]:
+async def pending(conn: Conn) -> list[int]:
     """Versions not yet applied (without creating anything)."""
     with translated():
         exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")

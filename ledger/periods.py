@@ -46,7 +46,9 @@ async def reset_period(
     return PeriodReset(**dict(row))
 
 
-async def due_for_reset(conn: Conn, now: datetime | None = None, limit: int = 500) -> list[uuid.UUID]:
+async def due_for_reset(
+    conn: Conn, now: datetime | None = None, limit: int = 500
+) -> list[uuid.UUID]:
     """Organizations whose period has ended by `now`."""
     rows = await fetch(
         conn,

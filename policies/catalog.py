@@ -6,9 +6,10 @@ rest of the code can index the catalog without guarding against dangling names.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from decimal import Decimal
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -108,6 +109,7 @@ class TopupPackageSpec(Frozen):
 class Defaults(Frozen):
     capability: str
     quality: str
+    embedding_capability: str | None = None  # for /v1/embeddings without X-Capability
 
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$", max_length=100)]
@@ -157,19 +159,14 @@ class Catalog(Frozen):
         ]
 
 
-def _dangling_references(cat: Catalog) -> Any:
-    for name, model in cat.models.items():
-        if model.provider not in cat.providers:
-            yield f"models.{name}.provider: unknown provider {model.provider!r}"
-        if model.replacement is not None and model.replacement not in cat.models:
-            yield f"models.{name}.replacement: unknown model {model.replacement!r}"
+def _dangling_references(cat: Catalog) -> Iterator[str]:
+    yield from _model_references(cat)
     for name, level in cat.quality_levels.items():
         yield from _unknown_models(cat, f"quality_levels.{name}.models", level.models)
     for name, cap in cat.capabilities.items():
-        yield from _unknown_qualities(cat, f"capabilities.{name}.estimated_credits", cap.estimated_credits)
-        yield from _unknown_qualities(cat, f"capabilities.{name}.models", cap.models)
-        for quality, models in cap.models.items():
-            yield from _unknown_models(cat, f"capabilities.{name}.models.{quality}", models)
+        where = f"capabilities.{name}"
+        yield from _unknown_qualities(cat, f"{where}.estimated_credits", cap.estimated_credits)
+        yield from _model_lists(cat, where, cap.models)
     for plan_name, plan in cat.plans.items():
         for cap_name, plan_cap in plan.capabilities.items():
             where = f"plans.{plan_name}.capabilities.{cap_name}"
@@ -177,16 +174,35 @@ def _dangling_references(cat: Catalog) -> Any:
                 yield f"{where}: unknown capability {cap_name!r}"
                 continue
             yield from _unknown_qualities(cat, f"{where}.quality", plan_cap.quality)
-            yield from _unknown_qualities(cat, f"{where}.models", plan_cap.models)
-            for quality, models in plan_cap.models.items():
-                yield from _unknown_models(cat, f"{where}.models.{quality}", models)
+            yield from _model_lists(cat, where, plan_cap.models)
+    yield from _default_references(cat)
+
+
+def _model_references(cat: Catalog) -> Iterator[str]:
+    for name, model in cat.models.items():
+        if model.provider not in cat.providers:
+            yield f"models.{name}.provider: unknown provider {model.provider!r}"
+        if model.replacement is not None and model.replacement not in cat.models:
+            yield f"models.{name}.replacement: unknown model {model.replacement!r}"
+
+
+def _model_lists(cat: Catalog, where: str, lists: dict[str, tuple[str, ...]]) -> Iterator[str]:
+    yield from _unknown_qualities(cat, f"{where}.models", lists)
+    for quality, models in lists.items():
+        yield from _unknown_models(cat, f"{where}.models.{quality}", models)
+
+
+def _default_references(cat: Catalog) -> Iterator[str]:
     if cat.defaults.capability not in cat.capabilities:
         yield f"defaults.capability: unknown capability {cat.defaults.capability!r}"
+    embedding = cat.defaults.embedding_capability
+    if embedding is not None and embedding not in cat.capabilities:
+        yield f"defaults.embedding_capability: unknown capability {embedding!r}"
     if cat.defaults.quality not in cat.quality_levels:
         yield f"defaults.quality: unknown quality level {cat.defaults.quality!r}"
 
 
-def _unknown_models(cat: Catalog, where: str, models: tuple[str, ...]) -> Any:
+def _unknown_models(cat: Catalog, where: str, models: tuple[str, ...]) -> Iterator[str]:
     for model in models:
         if model not in cat.models:
             yield f"{where}: unknown model {model!r}"
@@ -194,7 +210,7 @@ def _unknown_models(cat: Catalog, where: str, models: tuple[str, ...]) -> Any:
         yield f"{where}: a model is listed twice"
 
 
-def _unknown_qualities(cat: Catalog, where: str, qualities: Any) -> Any:
+def _unknown_qualities(cat: Catalog, where: str, qualities: Iterable[str]) -> Iterator[str]:
     for quality in qualities:
         if quality not in cat.quality_levels:
             yield f"{where}: unknown quality level {quality!r}"

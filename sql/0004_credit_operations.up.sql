@@ -118,6 +118,12 @@ BEGIN
         RAISE EXCEPTION 'invalid amount % for a % entry', p_amount, p_type USING ERRCODE = 'GL001';
     END IF;
     PERFORM credit_check_key(p_key);
+    -- the ledger's own keys are never a caller's: a clash would block a reset or a settle
+    IF p_key = 'welcome_bonus'
+       OR p_key ~ '^(plan_allocation|monthly_expiry|consumption|plan_change):' THEN
+        RAISE EXCEPTION 'idempotency key % is reserved by the ledger', p_key
+            USING ERRCODE = 'GL001';
+    END IF;
     b := credit_lock_balance(p_org);
     SELECT * INTO t FROM credit_transactions
      WHERE organization_id = p_org AND idempotency_key = p_key;
@@ -425,7 +431,15 @@ DECLARE
     v_diff bigint := 0;
     t credit_transactions;
 BEGIN
+    IF p_direction IS NOT NULL AND p_direction NOT IN ('upgrade', 'downgrade') THEN
+        RAISE EXCEPTION 'direction must be upgrade or downgrade, not %', p_direction
+            USING ERRCODE = 'GL001';
+    END IF;
     b := credit_lock_balance(p_org);
+    IF b.period_end <= p_now THEN  -- a period that has ended is reset before the change
+        PERFORM credit_reset_period(p_org, p_now);
+        b := credit_lock_balance(p_org);
+    END IF;
     SELECT * INTO v_new FROM plans WHERE unique_name = p_plan AND is_active;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown plan %', p_plan USING ERRCODE = 'GL003';

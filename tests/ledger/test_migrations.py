@@ -40,8 +40,14 @@ async def test_up_down_up_round_trip(empty_db: asyncpg.Connection) -> None:
     assert [m.version for m in applied] == [m.version for m in migrations.discover()]
     assert await migrations.pending(empty_db) == []
     created = await _objects(empty_db)
-    assert {"credit_transactions", "credit_reservations", "organization_credit_balances",
-            "plan_quality_level_models", "credit_reserve", "get_spendable_credits"} <= created
+    assert {
+        "credit_transactions",
+        "credit_reservations",
+        "organization_credit_balances",
+        "plan_quality_level_models",
+        "credit_reserve",
+        "get_spendable_credits",
+    } <= created
 
     assert await migrations.up(empty_db) == []  # nothing left to apply
 
@@ -81,13 +87,17 @@ async def test_seed_is_idempotent_and_matches_the_seed_plan(
             WHERE c.unique_name = ANY($1::text[])""",
         list(seed_caps),
     )
-    assert dict(counts) == {"caps": 7, "levels": 16, "mappings": 48}
+    assert counts is not None and dict(counts) == {"caps": 7, "levels": 16, "mappings": 48}
     assert first.model_mappings == 50 and first.models == 8 and first.topup_packages == 3
     plans = await empty_db.fetch(
-        "SELECT unique_name, monthly_ai_credits_micro, welcome_bonus_micro FROM plans ORDER BY display_order"
+        """SELECT unique_name, monthly_ai_credits_micro, welcome_bonus_micro
+             FROM plans ORDER BY display_order"""
     )
     assert [(p[0], p[1] // 10**6, p[2] // 10**6) for p in plans] == [
-        ("free", 10, 10), ("pro", 500, 25), ("team", 2000, 50)]
+        ("free", 10, 10),
+        ("pro", 500, 25),
+        ("team", 2000, 50),
+    ]
     defaults = await empty_db.fetch(
         """SELECT DISTINCT m.unique_name FROM plan_quality_level_models x
              JOIN llm_models m ON m.id = x.llm_model_id WHERE x.is_default ORDER BY 1"""

@@ -1,0 +1,98 @@
+"""Prometheus metrics (SPEC §7). Labels never carry an organization id or a key."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+# seconds; the gateway's own overhead is sub-millisecond, upstream calls take seconds
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Proxied requests by outcome",
+            ["capability", "quality", "model", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Whole request time",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead_duration = Histogram(
+            "gateway_overhead_duration_seconds",
+            "Request time minus upstream time",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds",
+            "Upstream call time",
+            ["provider", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "gateway_tokens_total", "Tokens charged", ["capability", "model", "kind"], registry=r
+        )
+        self.credits_consumed = Counter(
+            "gateway_credits_consumed_total",
+            "Credits charged",
+            ["capability", "quality", "plan"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited_total",
+            "Requests refused for rate",
+            ["capability", "window"],
+            registry=r,
+        )
+        self.rate_limit_errors = Counter(
+            "gateway_rate_limit_errors_total", "Redis failures met by the rate limiter", registry=r
+        )
+        self.access_denied = Counter(
+            "gateway_access_denied_total", "Requests refused by policy", ["reason"], registry=r
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors_total",
+            "Failed upstream attempts",
+            ["provider", "model", "kind"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks_total", "Attempts on a fallback model", registry=r
+        )
+        self.reservations = Counter(
+            "gateway_reservations_total", "Reservations by outcome", ["outcome"], registry=r
+        )
+        self.notifications = Counter(
+            "gateway_low_balance_notifications_total",
+            "Low-balance notifications",
+            ["type"],
+            registry=r,
+        )

@@ -1,0 +1,28 @@
+"""Everything a request handler needs, assembled once at start-up."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import asyncpg
+
+from gateway.auth import KeyCache
+from gateway.config import Config
+from gateway.metrics import Metrics
+from gateway.ratelimit import RateLimiter
+from gateway.upstream.base import Target, UpstreamClient
+from policies.catalog import ProviderKind
+
+
+@dataclass(frozen=True)
+class Services:
+    config: Config
+    pool: asyncpg.Pool
+    keys: KeyCache
+    clients: Mapping[ProviderKind, UpstreamClient]
+    targets: Mapping[str, Target]  # catalog model name -> where to call it
+    limiter: RateLimiter
+    metrics: Metrics
+    admin_key: str
+    sandbox: bool

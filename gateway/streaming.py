@@ -1,0 +1,224 @@
+"""Streamed calls: chunks relayed as server-sent events and metered as they pass; the call is
+settled at the end whatever happens (upstream break, client gone, cancellation)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from gateway import outcomes, pipeline
+from gateway.errors import InvalidRequest, error_body
+from gateway.pipeline import Attempt, Call
+from gateway.services import Services
+from gateway.upstream import sse
+from gateway.upstream.base import Completion, UpstreamError, UpstreamProtocolError, Usage
+from policies import tokens
+from policies.pricing import credits_number
+
+DRAIN_AFTER_DISCONNECT_S = 10.0  # how long to keep reading for usage once the client is gone
+
+Chunks = AsyncIterator[dict[str, Any]]
+
+
+class StreamedResponse(web.StreamResponse):
+    """An SSE response that can keep a copy of what it sent (for Idempotency-Key replays)."""
+
+    def __init__(self, *, capture: bool, headers: dict[str, str]) -> None:
+        super().__init__(headers=headers)
+        self.captured: bytearray | None = bytearray() if capture else None
+
+    async def send(self, data: bytes) -> None:
+        if self.captured is not None:
+            self.captured += data
+        await self.write(data)
+
+
+def captured_body(response: web.StreamResponse) -> bytes:
+    if isinstance(response, StreamedResponse):
+        return bytes(response.captured or b"")
+    body = getattr(response, "body", None)
+    return body if isinstance(body, bytes) else b""
+
+
+class Meter:
+    """Counts what a stream produced, for when no usage arrives."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.template: dict[str, Any] = {}
+
+    def add(self, chunk: dict[str, Any]) -> None:
+        self.template = {k: chunk[k] for k in ("id", "object", "created", "model") if k in chunk}
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                self.text.append(delta["content"])
+            for call in delta.get("tool_calls") or ():
+                arguments = (call.get("function") or {}).get("arguments")
+                if isinstance(arguments, str):
+                    self.text.append(arguments)
+
+    def usage(self, prompt_tokens: int) -> Usage:
+        return Usage(prompt_tokens, tokens.count_text_tokens("".join(self.text)))
+
+
+async def open_stream(services: Services, call: Call) -> tuple[Attempt, Chunks, dict[str, Any]]:
+    """The first candidate that yields a first chunk; fallbacks happen only before then."""
+    failures: list[UpstreamError] = []
+    for number, attempt in enumerate(pipeline.attempts(services, call)):
+        if number:
+            services.metrics.fallbacks.inc()
+        client = services.clients[attempt.target.kind]
+        chunks = client.chat_stream(
+            attempt.target, pipeline.upstream_body(call, attempt), call.upstream_headers
+        )
+        started = time.perf_counter()
+        try:
+            first = await anext(chunks)
+        except StopAsyncIteration:
+            failures.append(UpstreamProtocolError("the upstream sent an empty stream"))
+            continue
+        except UpstreamError as exc:
+            outcomes.note_failure(services, call, attempt, exc, started)
+            if not exc.retryable:
+                raise InvalidRequest(f"The upstream refused the request: {exc}") from None
+            failures.append(exc)
+            continue
+        outcomes.note_upstream(services, call, attempt, started)
+        return attempt, chunks, first
+    raise outcomes.all_failed(failures)
+
+
+async def stream(
+    request: web.Request, services: Services, call: Call, *, capture: bool
+) -> web.StreamResponse:
+    try:
+        attempt, chunks, first = await open_stream(services, call)
+    except BaseException:
+        await pipeline.release(services, call, "upstream failed")
+        services.metrics.reservations.labels("released").inc()
+        raise
+    headers = {
+        **outcomes.response_headers(call, attempt),
+        "Content-Type": "text/event-stream",
+        "Cache-Control": "no-cache",
+    }
+    response = StreamedResponse(capture=capture, headers=headers)
+    relay = Relay(request, call, response, wants_usage=_wants_usage(call.body))
+    started = time.perf_counter()
+    try:
+        await relay.run(first, chunks)
+    finally:
+        call.upstream_s += time.perf_counter() - started
+        await asyncio.shield(chunks.aclose())  # type: ignore[attr-defined]
+        await asyncio.shield(finish(request, services, call, attempt, relay))
+    return response
+
+
+def _wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and bool(options.get("include_usage"))
+
+
+class Relay:
+    """Copies chunks to the client, keeping the usage chunk back until the call is settled."""
+
+    def __init__(
+        self, request: web.Request, call: Call, response: StreamedResponse, *, wants_usage: bool
+    ) -> None:
+        self.request = request
+        self.call = call
+        self.drain_deadline = 0.0
+        self.response = response
+        self.wants_usage = wants_usage
+        self.meter = Meter()
+        self.usage: Usage | None = None
+        self.failure: UpstreamError | None = None
+        self.client_gone = False
+        self.prepared = False
+
+    async def run(self, first: dict[str, Any], chunks: Chunks) -> None:
+        try:
+            await self.response.prepare(self.request)
+            self.prepared = True
+            chunk: dict[str, Any] | None = first
+            while chunk is not None:
+                await self.take(chunk)
+                chunk = await self.next(chunks)
+        except UpstreamError as exc:
+            self.failure = exc
+        except ConnectionResetError:
+            self.client_gone = True
+
+    async def next(self, chunks: Chunks) -> dict[str, Any] | None:
+        if self.client_gone and self.usage is None:
+            remaining = self.drain_deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                return await asyncio.wait_for(anext(chunks), remaining)
+            except (StopAsyncIteration, TimeoutError):
+                return None
+        if self.client_gone:
+            return None
+        return await anext(chunks, None)
+
+    async def take(self, chunk: dict[str, Any]) -> None:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+            self.usage = Usage(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+        if not chunk.get("choices"):
+            return
+        self.meter.add(chunk)
+        if self.client_gone:
+            return
+        # the usage goes out once, on the final chunk, after settling
+        out = {k: v for k, v in chunk.items() if k != "usage"}
+        try:
+            await self.response.send(sse.encode(out))
+        except ConnectionResetError:
+            self.client_gone = True
+            self.drain_deadline = time.monotonic() + DRAIN_AFTER_DISCONNECT_S
+
+
+async def finish(
+    request: web.Request, services: Services, call: Call, attempt: Attempt, relay: Relay
+) -> None:
+    """Settle from the reported usage (else from what was counted) and end the stream."""
+    usage = relay.usage or relay.meter.usage(call.prompt_tokens)
+    settlement = await outcomes.settle_with_retry(services, call, attempt, Completion({}, usage))
+    status = "200" if relay.failure is None else "upstream_error"
+    if relay.client_gone:
+        status = "client_disconnected"
+    outcomes.observe(services, call, attempt, status)
+    if relay.client_gone or not relay.prepared:
+        return
+    try:
+        if relay.failure is not None:
+            failure = error_body(
+                f"The upstream broke off the stream: {relay.failure}",
+                "upstream_error",
+                "upstream_error",
+            )
+            await relay.response.send(sse.encode(failure))
+            return
+        if relay.wants_usage:
+            final = {
+                **relay.meter.template,
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                    "credits_used": credits_number(settlement.charged_micro or 0),
+                },
+            }
+            await relay.response.send(sse.encode(final))
+        await relay.response.send(sse.DONE_EVENT)
+        await relay.response.write_eof()
+    except ConnectionResetError:
+        relay.client_gone = True

@@ -1,0 +1,35 @@
+"""Server-sent events: reading a provider's stream and writing the client's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import StreamReader
+
+DONE = b"[DONE]"
+
+
+async def iter_data(content: StreamReader) -> AsyncIterator[bytes]:
+    """The `data:` payload of each event (multi-line data joined with newlines)."""
+    lines: list[bytes] = []
+    async for raw in content:
+        line = raw.rstrip(b"\r\n")
+        if not line:
+            if lines:
+                yield b"\n".join(lines)
+                lines = []
+            continue
+        if line.startswith(b"data:"):
+            lines.append(line[5:].removeprefix(b" "))
+    if lines:
+        yield b"\n".join(lines)
+
+
+def encode(payload: dict[str, Any]) -> bytes:
+    """One `data:` event for a JSON payload."""
+    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
