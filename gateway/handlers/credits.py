@@ -10,9 +10,11 @@ from aiohttp import web
 from gateway.auth import authenticate
 from gateway.errors import InvalidRequest
 from gateway.handlers import render
+from gateway.handlers.params import page_query
 from gateway.pipeline import read_json
 from gateway.resources import SERVICES
 from gateway.services import Services
+from ledger import transactions
 from ledger.balances import get_balance
 from policies import access
 from policies.catalog import credits_to_micro
@@ -26,6 +28,16 @@ async def balance(request: web.Request) -> web.Response:
     return web.json_response(
         render.balance(await get_balance(services.pool, principal.organization_id))
     )
+
+
+async def transactions_page(request: web.Request) -> web.Response:
+    """GET /v1/credits/transactions: newest first, keyset-paginated, filterable."""
+    services = request.app[SERVICES]
+    principal = await authenticate(request, services.keys, services.pool)
+    page = await transactions.list_transactions(
+        services.pool, principal.organization_id, **page_query(request)
+    )
+    return web.json_response(render.page(page))
 
 
 async def packages(request: web.Request) -> web.Response:
