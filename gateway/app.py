@@ -15,6 +15,7 @@ def create_app(
     config: Config,
     *,
     database_url: str,
+    redis_url: str,
     admin_key: str,
     sandbox: bool = False,
     metrics: Metrics | None = None,
@@ -24,11 +25,13 @@ def create_app(
     )
     app[resources.CONFIG] = config
     app[resources.DATABASE_URL] = database_url
+    app[resources.REDIS_URL] = redis_url
     app[resources.ADMIN_KEY] = admin_key
     app[resources.SANDBOX] = sandbox
     app[resources.METRICS] = metrics or Metrics()
     app.cleanup_ctx.extend(
         [
+            resources.redis_client,
             resources.postgres_pool,
             resources.http_session,
             resources.provider_bases,

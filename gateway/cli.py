@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 
 from gateway.config import Config, ConfigError, config_path, load_config
 from gateway.embedded import EmbeddedUnavailable, Services, resolve_services
+from gateway.resources import StartupError
 from ledger import accounts, catalog_sync, migrations, transactions
 from ledger.db import connect
 from ledger.errors import LedgerError
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return serve(config, args)
         return asyncio.run(_run_verb(config, args))
-    except (ConfigError, EmbeddedUnavailable, LedgerError, UsageError) as exc:
+    except (ConfigError, EmbeddedUnavailable, LedgerError, UsageError, StartupError) as exc:
         print(f"llm-gateway: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 

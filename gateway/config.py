@@ -41,6 +41,8 @@ class RedisErrorPolicy(StrEnum):
 
 class RateLimitSettings(Frozen):
     on_redis_error: RedisErrorPolicy = RedisErrorPolicy.FAIL_OPEN
+    key_prefix: str = Field(default="gw:", pattern=r"^[A-Za-z0-9:_.-]*$")
+    redis_timeout_s: float = Field(default=0.5, gt=0)  # per command; a dead Redis fails fast
 
 
 class StripeSettings(Frozen):

@@ -174,7 +174,8 @@ _HTTP_CODES = {
 def _http_response(exc: web.HTTPException) -> web.Response:
     code = _HTTP_CODES.get(exc.status, "invalid_request")
     message = {413: "Request body is larger than the limit."}.get(exc.status, exc.reason)
-    return error_response(exc.status, message, "invalid_request_error", code)
+    allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return error_response(exc.status, message, "invalid_request_error", code, headers=allow)
 
 
 @web.middleware

@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from gateway import pipeline
-from gateway.errors import UpstreamFailed
+from gateway.errors import InvalidRequest, UpstreamFailed
 from gateway.pipeline import Attempt, Call
 from gateway.services import Services
 from gateway.upstream.base import Completion, UpstreamError
@@ -17,15 +19,41 @@ from ledger.reservations import Settlement
 from policies.pricing import credits_text
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SETTLE_ATTEMPTS = 3  # a settlement that fails for a blip in PostgreSQL is retried
+
+
+async def first_answer(
+    services: Services, call: Call, start: Callable[[Attempt], Awaitable[T]]
+) -> tuple[T, Attempt]:
+    """Try the candidates in order until one answers; all share one hold and request id.
+    `start` returns once the attempt has produced its first byte: later failures are the
+    caller's, and no longer fall back."""
+    failures: list[UpstreamError] = []
+    for number, attempt in enumerate(pipeline.attempts(services, call)):
+        if number:
+            services.metrics.fallbacks.inc()
+        started = time.perf_counter()
+        try:
+            result = await start(attempt)
+        except UpstreamError as exc:
+            note_failure(services, call, attempt, exc, started)
+            if not exc.retryable:
+                raise InvalidRequest(f"The upstream refused the request: {exc}") from None
+            failures.append(exc)
+            continue
+        note_upstream(services, call, attempt, started)
+        return result, attempt
+    raise all_failed(failures)
 
 
 def all_failed(failures: list[UpstreamError]) -> UpstreamFailed:
     if not failures:
         return UpstreamFailed("No allowed model is affordable within the credits held.")
     timeout = all(f.kind == "timeout" for f in failures)
-    summary = "; ".join(f"{f.kind}: {f}" for f in failures)
+    # kinds and statuses only: a provider's own error text stays in the logs
+    summary = ", ".join(f.kind if f.status is None else f"{f.kind} {f.status}" for f in failures)
     return UpstreamFailed(f"Every allowed model failed ({summary}).", timeout=timeout)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +16,7 @@ from gateway.errors import DuplicateRequest, IdempotencyKeyReused, InvalidReques
 from gateway.pipeline import Attempt, Call, Endpoint
 from gateway.resources import SERVICES
 from gateway.services import Services
-from gateway.upstream.base import Completion, UpstreamError
+from gateway.upstream.base import Completion
 from ledger import idempotency
 from ledger.errors import InsufficientCredits
 from policies.errors import AccessDenied
@@ -117,28 +116,16 @@ async def _complete(services: Services, call: Call) -> web.Response:
 
 
 async def forward(services: Services, call: Call) -> tuple[Completion, Attempt]:
-    """Try the candidates in order until one answers; all share one hold and request id."""
-    failures: list[UpstreamError] = []
-    for number, attempt in enumerate(pipeline.attempts(services, call)):
-        if number:
-            services.metrics.fallbacks.inc()
+    """The first candidate's whole answer, falling back on failure."""
+
+    async def start(attempt: Attempt) -> Completion:
         client = services.clients[attempt.target.kind]
         body = pipeline.upstream_body(call, attempt)
-        started = time.perf_counter()
-        try:
-            if call.endpoint is Endpoint.EMBEDDINGS:
-                result = await client.embeddings(attempt.target, body, call.upstream_headers)
-            else:
-                result = await client.chat(attempt.target, body, call.upstream_headers)
-        except UpstreamError as exc:
-            outcomes.note_failure(services, call, attempt, exc, started)
-            if not exc.retryable:
-                raise InvalidRequest(f"The upstream refused the request: {exc}") from None
-            failures.append(exc)
-            continue
-        outcomes.note_upstream(services, call, attempt, started)
-        return result, attempt
-    raise outcomes.all_failed(failures)
+        if call.endpoint is Endpoint.EMBEDDINGS:
+            return await client.embeddings(attempt.target, body, call.upstream_headers)
+        return await client.chat(attempt.target, body, call.upstream_headers)
+
+    return await outcomes.first_answer(services, call, start)
 
 
 def _upstream_headers(services: Services, request: web.Request) -> dict[str, str]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 from aiohttp import web
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway.auth import KeyCache
 from gateway.config import Config
@@ -18,14 +21,17 @@ from gateway.upstream.base import Target, UpstreamClient
 from gateway.upstream.openai import OpenAIClient
 from gateway.upstream.translated import TranslatedClient
 from policies.catalog import ProviderKind
+from policies.rate_limit import SlidingWindowLimiter
 
 CONFIG = web.AppKey("config", Config)
 DATABASE_URL = web.AppKey("database_url", str)
+REDIS_URL = web.AppKey("redis_url", str)
 ADMIN_KEY = web.AppKey("admin_key", str)
 SANDBOX = web.AppKey("sandbox", bool)
 METRICS = web.AppKey("metrics", Metrics)
 DB_POOL = web.AppKey("db_pool", asyncpg.Pool)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+REDIS = web.AppKey("redis", Redis)
 PROVIDER_BASES = web.AppKey("provider_bases", dict[str, str])  # provider name -> api_base
 SERVICES = web.AppKey("services", Services)
 
@@ -40,6 +46,41 @@ async def postgres_pool(app: web.Application) -> AsyncIterator[None]:
     app[DB_POOL] = pool
     yield
     await pool.close()
+
+
+class StartupError(RuntimeError):
+    """A service the gateway needs is not there; the message says which and how to fix it."""
+
+
+def redacted(url: str) -> str:
+    """A URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def redis_client(app: web.Application) -> AsyncIterator[None]:
+    """The Redis connection pool; an unreachable Redis at start-up stops the process."""
+    timeout = app[CONFIG].rate_limits.redis_timeout_s
+    client: Redis = Redis.from_url(
+        app[REDIS_URL],
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        health_check_interval=30,
+    )
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        await client.aclose()
+        raise StartupError(
+            f"Redis at {redacted(app[REDIS_URL])} is unreachable ({exc}); "
+            "set REDIS_URL to a running Redis, or unset it to use the embedded one"
+        ) from None
+    app[REDIS] = client
+    yield
+    await client.aclose()
 
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
@@ -95,7 +136,11 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         keys=KeyCache(),
         clients=clients,
         targets=_targets(config, app[PROVIDER_BASES], app[SANDBOX]),
-        limiter=RateLimiter(),
+        limiter=RateLimiter(
+            SlidingWindowLimiter(app[REDIS], prefix=config.rate_limits.key_prefix),
+            config,
+            app[METRICS],
+        ),
         metrics=app[METRICS],
         admin_key=app[ADMIN_KEY],
         sandbox=app[SANDBOX],

@@ -63,7 +63,11 @@ def serve(config: Config, args: argparse.Namespace) -> int:
             key = asyncio.run(create_demo(services.database_url))
             _print_demo(host, port, key, admin)
         app = create_app(
-            config, database_url=services.database_url, admin_key=admin, sandbox=args.sandbox
+            config,
+            database_url=services.database_url,
+            redis_url=services.redis_url,
+            admin_key=admin,
+            sandbox=args.sandbox,
         )
         web.run_app(app, host=host, port=port, print=None, access_log=None)
     finally:

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import outcomes, pipeline
-from gateway.errors import InvalidRequest, error_body
+from gateway.errors import error_body
 from gateway.pipeline import Attempt, Call
 from gateway.services import Services
 from gateway.upstream import sse
@@ -68,29 +68,18 @@ class Meter:
 
 async def open_stream(services: Services, call: Call) -> tuple[Attempt, Chunks, dict[str, Any]]:
     """The first candidate that yields a first chunk; fallbacks happen only before then."""
-    failures: list[UpstreamError] = []
-    for number, attempt in enumerate(pipeline.attempts(services, call)):
-        if number:
-            services.metrics.fallbacks.inc()
+
+    async def start(attempt: Attempt) -> tuple[Chunks, dict[str, Any]]:
         client = services.clients[attempt.target.kind]
-        chunks = client.chat_stream(
-            attempt.target, pipeline.upstream_body(call, attempt), call.upstream_headers
-        )
-        started = time.perf_counter()
+        body = pipeline.upstream_body(call, attempt)
+        chunks = client.chat_stream(attempt.target, body, call.upstream_headers)
         try:
-            first = await anext(chunks)
+            return chunks, await anext(chunks)
         except StopAsyncIteration:
-            failures.append(UpstreamProtocolError("the upstream sent an empty stream"))
-            continue
-        except UpstreamError as exc:
-            outcomes.note_failure(services, call, attempt, exc, started)
-            if not exc.retryable:
-                raise InvalidRequest(f"The upstream refused the request: {exc}") from None
-            failures.append(exc)
-            continue
-        outcomes.note_upstream(services, call, attempt, started)
-        return attempt, chunks, first
-    raise outcomes.all_failed(failures)
+            raise UpstreamProtocolError("the upstream sent an empty stream") from None
+
+    (chunks, first), attempt = await outcomes.first_answer(services, call, start)
+    return attempt, chunks, first
 
 
 async def stream(

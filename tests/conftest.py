@@ -12,6 +12,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from gateway.config import Config, load_config
 from gateway.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -66,6 +67,26 @@ def redis_url(embedded_home: Path) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
+    """This run's Redis key prefix; its keys are deleted at the end of the run."""
+    prefix = f"gwt:{RUN_ID}:"
+    yield prefix
+    client: Redis = Redis.from_url(redis_url)
+    try:
+        async for key in client.scan_iter(match=f"{prefix}*", count=500):
+            await client.delete(key)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def test_config(config: Config, redis_prefix: str) -> Config:
+    """The default config with this run's Redis key prefix."""
+    limits = config.rate_limits.model_copy(update={"key_prefix": redis_prefix})
+    return config.model_copy(update={"rate_limits": limits})
 
 
 @pytest.fixture(scope="session")

@@ -57,12 +57,13 @@ class OpenAIClient:
                     if data == sse.DONE:
                         return
                     yield _loads(data)
+        # aiohttp's timeouts are also ClientConnectionErrors: catch them first
+        except TimeoutError:
+            raise UpstreamTimeout("no data from the upstream within the timeout") from None
         except aiohttp.ClientPayloadError as exc:
             raise UpstreamConnectError(f"stream broken: {exc}") from None
         except aiohttp.ClientConnectionError as exc:
             raise UpstreamConnectError(str(exc) or type(exc).__name__) from None
-        except TimeoutError:
-            raise UpstreamTimeout("no data from the upstream within the timeout") from None
 
     async def _complete(
         self, target: Target, path: str, body: dict[str, Any], headers: Mapping[str, str]
@@ -71,10 +72,10 @@ class OpenAIClient:
             async with self._post(target, path, body, headers) as resp:
                 await _check(resp)
                 data = _loads(await resp.read())
+        except TimeoutError:  # before ClientConnectionError: aiohttp's timeouts are both
+            raise UpstreamTimeout("no answer from the upstream within the timeout") from None
         except aiohttp.ClientConnectionError as exc:
             raise UpstreamConnectError(str(exc) or type(exc).__name__) from None
-        except TimeoutError:
-            raise UpstreamTimeout("no answer from the upstream within the timeout") from None
         usage = data.get("usage")
         if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
             raise UpstreamProtocolError("the upstream's answer carries no usage")

@@ -72,12 +72,17 @@ def pointed_at(config: Config, upstream: Upstream) -> Config:
 
 @pytest.fixture(scope="module")
 async def gateway(
-    database_url: str, config: Config, upstream: Upstream, pool: asyncpg.Pool
+    database_url: str, redis_url: str, test_config: Config, upstream: Upstream, pool: asyncpg.Pool
 ) -> AsyncIterator[Gateway]:
     """The gateway with real provider clients aimed at the recording simulator."""
-    app = create_app(pointed_at(config, upstream), database_url=database_url, admin_key=ADMIN_KEY)
+    app = create_app(
+        pointed_at(test_config, upstream),
+        database_url=database_url,
+        redis_url=redis_url,
+        admin_key=ADMIN_KEY,
+    )
     with pytest.MonkeyPatch.context() as env:
-        for name, provider in config.providers.items():
+        for name, provider in test_config.providers.items():
             env.setenv(provider.api_key_env, PROVIDER_KEYS[name])
         server = await start(app)
     try:
@@ -88,10 +93,16 @@ async def gateway(
 
 @pytest.fixture(scope="module")
 async def sandbox_gateway(
-    database_url: str, config: Config, pool: asyncpg.Pool
+    database_url: str, redis_url: str, test_config: Config, pool: asyncpg.Pool
 ) -> AsyncIterator[Gateway]:
     """The gateway in sandbox mode: the product's own simulator behind every provider."""
-    app = create_app(config, database_url=database_url, admin_key=ADMIN_KEY, sandbox=True)
+    app = create_app(
+        test_config,
+        database_url=database_url,
+        redis_url=redis_url,
+        admin_key=ADMIN_KEY,
+        sandbox=True,
+    )
     server = await start(app)
     try:
         yield Gateway(str(server.make_url("")).rstrip("/"), app)
