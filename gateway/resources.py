@@ -38,10 +38,19 @@ SERVICES = web.AppKey("services", Services)
 UPSTREAM_READ_BUFSIZE = 1 << 20  # SSE lines (a large tool call) may be long
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool connections never change session state (every ledger step is one statement;
+    advisory locks and SET live on dedicated connections), so the default reset query,
+    one more round trip per checkout, is skipped. An open transaction is still rolled back."""
+
+
 async def postgres_pool(app: web.Application) -> AsyncIterator[None]:
     server = app[CONFIG].server
     pool = await asyncpg.create_pool(
-        app[DATABASE_URL], min_size=server.db_pool_min, max_size=server.db_pool_max
+        app[DATABASE_URL],
+        min_size=server.db_pool_min,
+        max_size=server.db_pool_max,
+        reset=_keep_session,
     )
     app[DB_POOL] = pool
     yield

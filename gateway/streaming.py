@@ -134,6 +134,10 @@ class Relay:
         try:
             await self.response.prepare(self.request)
             self.prepared = True
+        except ConnectionResetError:  # gone before the first byte: still meter and drain
+            self.client_gone = True
+            self.drain_deadline = time.monotonic() + DRAIN_AFTER_DISCONNECT_S
+        try:
             chunk: dict[str, Any] | None = first
             while chunk is not None:
                 await self.take(chunk)

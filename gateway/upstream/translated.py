@@ -118,8 +118,10 @@ def _completion_body(raw: Mapping[str, Any], usage: Usage) -> dict[str, Any]:
     """litellm's response as OpenAI's `chat.completion`, without litellm's extra fields."""
     choices = []
     for choice in raw.get("choices") or []:
-        message = {"content": None, **_pick(choice.get("message") or {}, _MESSAGE_FIELDS)}
-        choices.append({**_pick(choice, _CHOICE_FIELDS), "message": message})
+        # OpenAI's schema requires these, as nulls when there is nothing to say
+        picked = _pick(choice.get("message") or {}, _MESSAGE_FIELDS)
+        message = {"content": None, "refusal": None, **picked}
+        choices.append({"logprobs": None, **_pick(choice, _CHOICE_FIELDS), "message": message})
     body = _pick(raw, _ENVELOPE_FIELDS)
     return {**body, "object": "chat.completion", "choices": choices, "usage": _usage_body(usage)}
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -28,6 +27,7 @@ from policies.tokens import count_chat_prompt_tokens
 from tests.gateway import conftest as gw
 from tests.gateway.conftest import Gateway, Org, new_org
 from tests.openapi import validate
+from tests.relay import Relay
 
 CHAT = "/v1/chat/completions"
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Suggest a question."}]
@@ -346,46 +346,10 @@ async def test_every_model_failing_releases_the_hold(
     assert (await rig.holds(org), await rig.consumptions(org)) == (["released"], 0)
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(1 << 16):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
-
-
-class Link:
-    """A TCP relay in front of a server that a test can cut, as a network partition would."""
-
-    def __init__(self, url: str) -> None:
-        self.url = urlsplit(url)
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def open(self) -> str:
-        """The URL through the relay."""
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        userinfo, at, _ = self.url.netloc.rpartition("@")
-        return self.url._replace(netloc=f"{userinfo}{at}127.0.0.1:{port}").geturl()
-
-    async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        target = (self.url.hostname or "127.0.0.1", self.url.port)
-        server_r, server_w = await asyncio.open_connection(*target)
-        self.writers += [client_w, server_w]
-        await asyncio.gather(_pipe(client_r, server_w), _pipe(server_r, client_w))
-
-    async def cut(self) -> None:
-        self.server.close()
-        await self.server.wait_closed()
-        for writer in self.writers:
-            writer.transport.abort()
-        await asyncio.sleep(0.05)  # let the clients notice their connections are gone
-
-
 async def test_ledger_unreachable_is_503_and_nothing_goes_upstream(rig: Rig) -> None:
     org = await new_org(rig.pool)
     unused = await accounts.create_api_key(rig.pool, org.id)
-    link = Link(rig.database_url)
+    link = Relay(rig.database_url)
     relayed = await link.open()
     sent = len(rig.upstream.recorded)
     async with rig.serving(rig.config, db=relayed) as url:
@@ -400,7 +364,7 @@ async def test_ledger_unreachable_is_503_and_nothing_goes_upstream(rig: Rig) -> 
 
 async def test_redis_unreachable_under_fail_closed_is_503(rig: Rig) -> None:
     org = await new_org(rig.pool)
-    link = Link(rig.redis_url)
+    link = Relay(rig.redis_url)
     relayed = await link.open()
     policy = RedisErrorPolicy.FAIL_CLOSED
     closed = amended(rig.config, "rate_limits", on_redis_error=policy)

@@ -95,7 +95,8 @@ async def test_chat_comes_back_in_openai_shape_with_the_providers_usage(
         {
             "index": 0,
             "finish_reason": "stop",
-            "message": {"role": "assistant", "content": answer.text},
+            "logprobs": None,
+            "message": {"role": "assistant", "content": answer.text, "refusal": None},
         }
     ]
     assert body["usage"]["total_tokens"] == call.prompt_tokens + answer.completion_tokens
