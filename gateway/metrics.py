@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
 
 # seconds; the gateway's own overhead is sub-millisecond, upstream calls take seconds
 _LATENCY_BUCKETS = (
@@ -26,7 +28,19 @@ _LATENCY_BUCKETS = (
 )
 
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `serve --workers N` for every worker
+
+
 class Metrics:
+    def exposition_registry(self) -> CollectorRegistry:
+        """What /metrics serves: this process's registry, or with several workers a
+        collector that reads every worker's files."""
+        if not os.environ.get(MULTIPROC_ENV):
+            return self.registry
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+        return combined
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry

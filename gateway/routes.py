@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.handlers import admin, chat, credits, health, models
+from gateway.handlers import admin, chat, credits, health, metrics, models
 
 
 def add_routes(app: web.Application) -> None:
@@ -28,5 +28,6 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/reservations", admin.pending_reservations)
     r.add_get("/admin/ledger/check", admin.ledger_check)
 
+    r.add_get("/metrics", metrics.metrics)
     r.add_get("/healthz", health.healthz)
     r.add_get("/readyz", health.readyz)
