@@ -7,6 +7,8 @@ from aiohttp import web
 from gateway import resources
 from gateway.config import Config
 from gateway.errors import error_middleware
+from gateway.jobs import job_loop
+from gateway.logs import access_log_middleware
 from gateway.metrics import Metrics
 from gateway.routes import add_routes
 
@@ -21,7 +23,8 @@ def create_app(
     metrics: Metrics | None = None,
 ) -> web.Application:
     app = web.Application(
-        client_max_size=config.server.max_body_bytes, middlewares=[error_middleware]
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[access_log_middleware, error_middleware],
     )
     app[resources.CONFIG] = config
     app[resources.DATABASE_URL] = database_url
@@ -36,6 +39,7 @@ def create_app(
             resources.http_session,
             resources.provider_bases,
             resources.services,
+            job_loop(resources.DATABASE_URL, resources.CONFIG, resources.HTTP_SESSION),
         ]
     )
     add_routes(app)

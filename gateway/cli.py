@@ -13,6 +13,7 @@ from decimal import Decimal, InvalidOperation
 
 from gateway.config import Config, ConfigError, config_path, load_config
 from gateway.embedded import EmbeddedUnavailable, Services, resolve_services
+from gateway.logs import configure_logging
 from gateway.resources import StartupError
 from ledger import accounts, catalog_sync, migrations, transactions
 from ledger.db import connect
@@ -69,9 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     try:
         config = load_config(config_path(args.config))
         if args.command == "check-config":

@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from gateway import pipeline
-from gateway.errors import InvalidRequest, UpstreamFailed
+from gateway.errors import GatewayError, InvalidRequest, UpstreamFailed
 from gateway.pipeline import Attempt, Call
 from gateway.services import Services
 from gateway.upstream.base import Completion, UpstreamError
@@ -89,6 +89,12 @@ async def settle_with_retry(
             await asyncio.sleep(0.1)
     services.metrics.reservations.labels("settled").inc()
     note_charge(services, call, attempt, completion, settlement)
+    try:
+        await services.notifier.after_charge(
+            services.pool, call.principal.organization_id, settlement
+        )
+    except LedgerUnavailable:  # the charge stands; the notification waits for the next call
+        log.warning("could not record a low-balance notification for %s", call.request_id)
     return settlement
 
 
@@ -105,16 +111,36 @@ def note_charge(
     services.metrics.credits_consumed.labels(route.capability, route.quality, route.plan).inc(
         (settlement.charged_micro or 0) / 1_000_000
     )
+    call.details.update(
+        prompt_tokens=completion.usage.prompt_tokens,
+        completion_tokens=completion.usage.completion_tokens,
+        credits_used=credits_text(settlement.charged_micro or 0),
+        reservation="settled" if settlement.applied else f"already {settlement.status.value}",
+    )
 
 
 def observe(services: Services, call: Call, attempt: Attempt | None, status: str) -> None:
     total = time.perf_counter() - call.started
     model = attempt.target.model if attempt else "none"
+    overhead = max(total - call.upstream_s, 0.0)
     services.metrics.requests.labels(call.route.capability, call.route.quality, model, status).inc()
     services.metrics.request_duration.labels(call.endpoint.value).observe(total)
-    services.metrics.overhead_duration.labels(call.endpoint.value).observe(
-        max(total - call.upstream_s, 0.0)
+    services.metrics.overhead_duration.labels(call.endpoint.value).observe(overhead)
+    call.details.update(
+        model=model,
+        outcome=status,
+        overhead_ms=round(overhead * 1000, 3),
+        upstream_ms=round(call.upstream_s * 1000, 3),
     )
+
+
+async def released(services: Services, call: Call, exc: BaseException) -> None:
+    """No model answered (or the handler was cancelled first): give the hold back."""
+    await pipeline.release(services, call, type(exc).__name__)
+    services.metrics.reservations.labels("released").inc()
+    call.details["reservation"] = "released"
+    status = exc.code if isinstance(exc, GatewayError) else "cancelled"
+    observe(services, call, None, status)
 
 
 def response_headers(call: Call, attempt: Attempt) -> dict[str, str]:

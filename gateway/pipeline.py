@@ -57,6 +57,7 @@ class Call:
     reservation: Reservation
     rate_limit: ratelimit.Decision
     upstream_headers: dict[str, str] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # the request's log line
     started: float = field(default_factory=time.perf_counter)
     upstream_s: float = 0.0
 

@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway import outcomes, pipeline, streaming
 from gateway.auth import authenticate
 from gateway.errors import DuplicateRequest, IdempotencyKeyReused, InvalidRequest
+from gateway.logs import CALL_DETAILS
 from gateway.pipeline import Attempt, Call, Endpoint
 from gateway.resources import SERVICES
 from gateway.services import Services
@@ -31,7 +32,9 @@ async def run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
     """The whole of a proxied call; chat, embeddings and streaming all come through here."""
     services = request.app[SERVICES]
     request_id = pipeline.new_request_id()
+    details = request[CALL_DETAILS] = {"request_id": request_id}
     principal = await authenticate(request, services.keys, services.pool)
+    details["organization_id"] = str(principal.organization_id)
     raw = await request.read()
     body = await pipeline.read_json(request)
     key = _idempotency_key(request)
@@ -40,7 +43,7 @@ async def run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
         if replay is not None:
             return replay
     try:
-        response = await _metered(request, services, endpoint, request_id, principal, body)
+        response = await _metered(request, services, endpoint, details, principal, body)
     except BaseException:
         if key is not None:
             await asyncio.shield(idempotency.give_up(services.pool, principal.organization_id, key))
@@ -54,10 +57,11 @@ async def _metered(
     request: web.Request,
     services: Services,
     endpoint: Endpoint,
-    request_id: str,
+    details: dict[str, Any],
     principal: Any,
     body: dict[str, Any],
 ) -> web.StreamResponse:
+    request_id = details["request_id"]
     try:
         route = pipeline.resolve_route(
             services, request, endpoint, principal.plan, body.get("model")
@@ -91,7 +95,9 @@ async def _metered(
         reservation,
         decision,
         _upstream_headers(services, request),
+        details,
     )
+    details.update(capability=route.capability, quality=route.quality)
     if call.streaming:
         capture = request.headers.get("Idempotency-Key") is not None
         return await streaming.stream(request, services, call, capture=capture)
@@ -101,9 +107,8 @@ async def _metered(
 async def _complete(services: Services, call: Call) -> web.Response:
     try:
         completion, attempt = await forward(services, call)
-    except BaseException:
-        await pipeline.release(services, call, "upstream failed")
-        services.metrics.reservations.labels("released").inc()
+    except BaseException as exc:
+        await outcomes.released(services, call, exc)
         raise
     settlement = await outcomes.settle_with_retry(services, call, attempt, completion)
     headers = outcomes.response_headers(call, attempt)

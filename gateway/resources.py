@@ -10,11 +10,14 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.auth import KeyCache
 from gateway.config import Config
 from gateway.metrics import Metrics
+from gateway.notifications import Notifier
 from gateway.ratelimit import RateLimiter
 from gateway.services import Services
 from gateway.upstream.base import Target, UpstreamClient
@@ -78,6 +81,7 @@ async def redis_client(app: web.Application) -> AsyncIterator[None]:
         socket_timeout=timeout,
         socket_connect_timeout=timeout,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), 1),  # one quick retry, then the error policy decides
     )
     try:
         await client.ping()
@@ -150,6 +154,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
             config,
             app[METRICS],
         ),
+        notifier=Notifier(config.credits.low_balance_ratio, app[METRICS]),
         metrics=app[METRICS],
         admin_key=app[ADMIN_KEY],
         sandbox=app[SANDBOX],

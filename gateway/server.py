@@ -1,25 +1,51 @@
-"""`llm-gateway serve`: bring the database up to date, then serve HTTP."""
+"""`llm-gateway serve`: bring the database up to date, then serve HTTP, in one process or
+in N worker processes sharing one port (SO_REUSEPORT) under a small supervisor."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import os
 import secrets
+import shutil
+import signal
+import tempfile
+import time
 import uuid
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from types import FrameType
 
 from aiohttp import web
 
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.embedded import gateway_home, resolve_services
+from gateway.logs import configure_logging
+from gateway.metrics import MULTIPROC_ENV
 from ledger import accounts, catalog_sync, migrations
 from ledger.db import connect
 
 log = logging.getLogger(__name__)
 
 DEMO_ORGANIZATION_ID = uuid.UUID("00000000-0000-4000-8000-00000000d3e0")  # fixed: one demo org
+RESTARTS_PER_MINUTE = 5  # a worker that keeps dying is not restarted faster than this
+
+
+@dataclass(frozen=True)
+class Worker:
+    """What each serving process needs; picklable, so workers can be spawned."""
+
+    config: Config
+    host: str
+    port: int
+    database_url: str
+    redis_url: str
+    admin_key: str
+    sandbox: bool
+    reuse_port: bool
 
 
 async def bootstrap(database_url: str, config: Config) -> None:
@@ -61,8 +87,30 @@ def _fast_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def serve(config: Config, args: argparse.Namespace) -> int:
+def run_worker(worker: Worker) -> None:
+    """Serve until SIGTERM/SIGINT: then stop accepting, let in-flight calls finish (up to
+    server.shutdown_timeout_s), settle or release what is left, close the pools."""
+    configure_logging()
     _fast_event_loop()
+    app = create_app(
+        worker.config,
+        database_url=worker.database_url,
+        redis_url=worker.redis_url,
+        admin_key=worker.admin_key,
+        sandbox=worker.sandbox,
+    )
+    web.run_app(
+        app,
+        host=worker.host,
+        port=worker.port,
+        reuse_port=worker.reuse_port or None,
+        shutdown_timeout=worker.config.server.shutdown_timeout_s,
+        print=None,
+        access_log=None,
+    )
+
+
+def serve(config: Config, args: argparse.Namespace) -> int:
     services = resolve_services()
     try:
         asyncio.run(bootstrap(services.database_url, config))
@@ -70,19 +118,92 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         port = args.port if args.port is not None else config.server.port
         admin = admin_key()
         if args.demo:
-            key = asyncio.run(create_demo(services.database_url))
-            _print_demo(host, port, key, admin)
-        app = create_app(
+            _print_demo(host, port, asyncio.run(create_demo(services.database_url)), admin)
+        worker = Worker(
             config,
-            database_url=services.database_url,
-            redis_url=services.redis_url,
-            admin_key=admin,
-            sandbox=args.sandbox,
+            host,
+            port,
+            services.database_url,
+            services.redis_url,
+            admin,
+            args.sandbox,
+            reuse_port=args.workers > 1,
         )
-        web.run_app(app, host=host, port=port, print=None, access_log=None)
+        if args.workers > 1:
+            return Supervisor(worker, args.workers).run()
+        run_worker(worker)
+        return 0
     finally:
         services.stop()
-    return 0
+
+
+class Supervisor:
+    """N spawned workers on one port; SIGTERM/SIGINT are passed on and waited for. A worker
+    that dies is replaced (at most RESTARTS_PER_MINUTE a minute)."""
+
+    def __init__(self, worker: Worker, count: int) -> None:
+        self.worker = worker
+        self.count = count
+        self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no
+        # inherited event loop, atexit hooks or single-process metrics
+        self.processes: list[BaseProcess] = []
+        self.stopping = False
+        self.restarts: list[float] = []
+
+    def run(self) -> int:
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ[MULTIPROC_ENV] = metrics_dir  # read by each worker's prometheus_client
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        try:
+            self.processes = [self._spawn() for _ in range(self.count)]
+            log.info(
+                "serving on %s:%d with %d workers", self.worker.host, self.worker.port, self.count
+            )
+            while not self.stopping:
+                self._replace_dead()
+                time.sleep(0.2)
+            return self._wait_all()
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+    def _spawn(self) -> BaseProcess:
+        process = self.context.Process(target=run_worker, args=(self.worker,), daemon=False)
+        process.start()
+        return process
+
+    def _replace_dead(self) -> None:
+        from prometheus_client import multiprocess
+
+        for index, process in enumerate(self.processes):
+            if process.is_alive() or self.stopping:
+                continue
+            multiprocess.mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < 60] + [now]
+            if len(self.restarts) > RESTARTS_PER_MINUTE:
+                log.error("workers keep dying; stopping")
+                self._stop(signal.SIGTERM, None)
+                return
+            log.warning("worker %s exited with %s; starting another", process.pid, process.exitcode)
+            self.processes[index] = self._spawn()
+
+    def _stop(self, signum: int, frame: FrameType | None) -> None:
+        self.stopping = True
+        for process in self.processes:
+            if process.is_alive() and process.pid is not None:
+                os.kill(process.pid, signal.SIGTERM)
+
+    def _wait_all(self) -> int:
+        deadline = time.monotonic() + self.worker.config.server.shutdown_timeout_s + 10
+        for process in self.processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.error("worker %s did not stop in time; killing it", process.pid)
+                process.kill()
+                process.join()
+        failed = [p.exitcode for p in self.processes if p.exitcode not in (0, -signal.SIGTERM)]
+        return 1 if failed else 0
 
 
 def _print_demo(host: str, port: int, key: str, admin: str) -> None:

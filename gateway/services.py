@@ -10,6 +10,7 @@ import asyncpg
 from gateway.auth import KeyCache
 from gateway.config import Config
 from gateway.metrics import Metrics
+from gateway.notifications import Notifier
 from gateway.ratelimit import RateLimiter
 from gateway.upstream.base import Target, UpstreamClient
 from policies.catalog import ProviderKind
@@ -23,6 +24,7 @@ class Services:
     clients: Mapping[ProviderKind, UpstreamClient]
     targets: Mapping[str, Target]  # catalog model name -> where to call it
     limiter: RateLimiter
+    notifier: Notifier
     metrics: Metrics
     admin_key: str
     sandbox: bool

@@ -87,9 +87,8 @@ async def stream(
 ) -> web.StreamResponse:
     try:
         attempt, chunks, first = await open_stream(services, call)
-    except BaseException:
-        await pipeline.release(services, call, "upstream failed")
-        services.metrics.reservations.labels("released").inc()
+    except BaseException as exc:
+        await outcomes.released(services, call, exc)
         raise
     headers = {
         **outcomes.response_headers(call, attempt),

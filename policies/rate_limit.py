@@ -40,16 +40,24 @@ local now = tonumber(ARGV[1])
 local windows = {60000, 86400000}
 local limits = {tonumber(ARGV[3]), tonumber(ARGV[4])}
 local counts = {0, 0}
+local refused, wait = 0, -1
 for i = 1, 2 do
   if limits[i] > 0 then
     redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - windows[i])
     counts[i] = redis.call('ZCARD', KEYS[i])
     if counts[i] >= limits[i] then
+      -- a request passes once enough of the oldest leave: wait for the slowest full window
       local nth = redis.call('ZRANGE', KEYS[i], counts[i] - limits[i], counts[i] - limits[i],
                              'WITHSCORES')
-      return {0, i, limits[i], tonumber(nth[2]) + windows[i] - now}
+      local w = tonumber(nth[2]) + windows[i] - now
+      if w > wait then
+        refused, wait = i, w
+      end
     end
   end
+end
+if refused > 0 then
+  return {0, refused, limits[refused], wait}
 end
 local best = {-1, 0, 0}
 for i = 1, 2 do
