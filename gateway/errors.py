@@ -2,12 +2,14 @@
 
     GatewayError                  raised by the gateway's own code
     ├── InvalidRequest            400 invalid_request
+    ├── InvalidSignature          400 invalid_signature (a Stripe webhook not signed, or stale)
     ├── Unauthorized              401 invalid_api_key
     ├── Forbidden                 403 forbidden (an organization key on an admin route)
     ├── NotFound                  404 not_found / unknown_package
     ├── DuplicateRequest          409 duplicate_request (same Idempotency-Key in flight)
     ├── IdempotencyKeyReused      422 idempotency_key_reused
     ├── RateLimiterUnavailable    503 rate_limiter_unavailable
+    ├── PaymentsUnavailable       503 payments_unavailable (no STRIPE_SECRET_KEY)
     └── UpstreamFailed            502 upstream_error / 504 upstream_timeout
 
 One middleware maps these, the policy errors and the ledger errors to responses by class
@@ -46,6 +48,10 @@ class InvalidRequest(GatewayError):
     pass
 
 
+class InvalidSignature(GatewayError):
+    code = "invalid_signature"
+
+
 class Unauthorized(GatewayError):
     status, code = 401, "invalid_api_key"
 
@@ -72,6 +78,10 @@ class IdempotencyKeyReused(GatewayError):
 
 class RateLimiterUnavailable(GatewayError):
     status, code, type = 503, "rate_limiter_unavailable", "service_unavailable"
+
+
+class PaymentsUnavailable(GatewayError):
+    status, code, type = 503, "payments_unavailable", "service_unavailable"
 
 
 class UpstreamFailed(GatewayError):

@@ -15,6 +15,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.auth import KeyCache
+from gateway.billing import stripe_api
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.notifications import Notifier
@@ -158,5 +159,6 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         metrics=app[METRICS],
         admin_key=app[ADMIN_KEY],
         sandbox=app[SANDBOX],
+        stripe=stripe_api(app[HTTP_SESSION]),
     )
     yield

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.handlers import admin, chat, credits, health, metrics, models
+from gateway.handlers import admin, chat, credits, health, metrics, models, webhooks
 
 
 def add_routes(app: web.Application) -> None:
@@ -16,6 +16,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/v1/credits/balance", credits.balance)
     r.add_get("/v1/credits/transactions", credits.transactions_page)
     r.add_get("/v1/credits/packages", credits.packages, name="packages")
+    r.add_post("/v1/credits/purchase", credits.purchase)
 
     r.add_post("/admin/orgs", admin.create_org)
     r.add_get("/admin/orgs/{id}", admin.get_org)
@@ -28,6 +29,7 @@ def add_routes(app: web.Application) -> None:
     r.add_get("/admin/reservations", admin.pending_reservations)
     r.add_get("/admin/ledger/check", admin.ledger_check)
 
+    r.add_post("/webhooks/stripe", webhooks.stripe_webhook)
     r.add_get("/metrics", metrics.metrics)
     r.add_get("/healthz", health.healthz)
     r.add_get("/readyz", health.readyz)

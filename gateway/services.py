@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from gateway.auth import KeyCache
+from gateway.billing import StripeApi
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.notifications import Notifier
@@ -28,3 +29,4 @@ class Services:
     metrics: Metrics
     admin_key: str
     sandbox: bool
+    stripe: StripeApi

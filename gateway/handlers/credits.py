@@ -1,4 +1,4 @@
-"""The client's credit routes: balance, the access check, top-up packages."""
+"""The client's credit routes: balance, the access check, top-up packages and purchases."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import billing
 from gateway.auth import authenticate
 from gateway.errors import InvalidRequest
 from gateway.handlers import render
@@ -53,6 +54,19 @@ async def packages(request: web.Request) -> web.Response:
         for name, p in services.config.topup_packages.items()
     ]
     return web.json_response({"data": data})
+
+
+async def purchase(request: web.Request) -> web.Response:
+    """POST /v1/credits/purchase {package}: a Stripe Checkout session to pay for it."""
+    services = request.app[SERVICES]
+    principal = await authenticate(request, services.keys, services.pool)
+    package = (await read_json(request)).get("package")
+    if not isinstance(package, str) or not package:
+        raise InvalidRequest("package must be the name of a top-up package.", param="package")
+    checkout = await billing.create_checkout(
+        services.stripe, services.config, principal.organization_id, package
+    )
+    return web.json_response({"checkout_url": checkout.url, "session_id": checkout.session_id})
 
 
 def _field(body: dict[str, Any], name: str, default: str) -> str:
