@@ -15,7 +15,9 @@ from aiohttp.test_utils import TestServer
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.upstream.sandbox import API_BASE_PATHS, RecordedRequest, create_simulator_app
-from ledger import accounts
+from ledger import accounts, balances, transactions
+from ledger.balances import Balance
+from ledger.transactions import Transaction, TransactionType
 
 ADMIN_KEY = "test-admin-key"
 PROVIDER_KEYS = {"openai": "sk-openai-test", "anthropic": "sk-ant-test", "google": "g-test"}
@@ -114,3 +116,30 @@ async def new_org(pool: asyncpg.Pool, plan: str = "pro", name: str = "org") -> O
     org = await accounts.create_organization(pool, name, plan)
     key = await accounts.create_api_key(pool, org.id)
     return Org(org.id, key.key)
+
+
+async def consumption(pool: asyncpg.Pool, org: Org) -> list[Transaction]:
+    page = await transactions.list_transactions(
+        pool, org.id, limit=500, types=frozenset({TransactionType.CONSUMPTION})
+    )
+    return page.data
+
+
+async def reservation_rows(pool: asyncpg.Pool, org: Org) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        """SELECT status, amount_micro, charged_micro, request_id
+             FROM credit_reservations WHERE organization_id = $1""",
+        org.id,
+    )
+
+
+async def drain_to(pool: asyncpg.Pool, org: Org, available_micro: int) -> Balance:
+    """Take credits away with an admin adjustment until `available_micro` are left."""
+    before = await balances.get_balance(pool, org.id)
+    amount = before.available_micro - available_micro
+    await transactions.post(
+        pool, org.id, TransactionType.ADMIN_ADJUSTMENT, -amount, f"drain-{uuid.uuid4()}"
+    )
+    after = await balances.get_balance(pool, org.id)
+    assert after.available_micro == available_micro
+    return after

@@ -4,7 +4,6 @@ named model that does not fall back, refused requests and overage; each checked 
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -18,11 +17,19 @@ from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.resources import METRICS
-from ledger import balances, transactions
+from ledger import balances
 from ledger.balances import Balance
-from ledger.transactions import Transaction, TransactionType
 from policies.pricing import Rate, charge_micro, credits_text
-from tests.gateway.conftest import ADMIN_KEY, Gateway, Org, new_org, start
+from tests.gateway.conftest import (
+    ADMIN_KEY,
+    Gateway,
+    Org,
+    consumption,
+    drain_to,
+    new_org,
+    reservation_rows,
+    start,
+)
 from tests.openapi import validate
 
 PER_USD, FAST = Decimal(100), Decimal("1.0")
@@ -84,33 +91,6 @@ def upstream_errors(gateway: Gateway, provider: str, model: str, kind: str) -> f
     labels = {"provider": provider, "model": model, "kind": kind}
     value = gateway.app[METRICS].registry.get_sample_value("gateway_upstream_errors_total", labels)
     return value or 0.0
-
-
-async def consumption(pool: asyncpg.Pool, org: Org) -> list[Transaction]:
-    page = await transactions.list_transactions(
-        pool, org.id, types=frozenset({TransactionType.CONSUMPTION})
-    )
-    return page.data
-
-
-async def reservation_rows(pool: asyncpg.Pool, org: Org) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        """SELECT status, amount_micro, charged_micro, request_id
-             FROM credit_reservations WHERE organization_id = $1""",
-        org.id,
-    )
-
-
-async def drain_to(pool: asyncpg.Pool, org: Org, available_micro: int) -> Balance:
-    """Take credits away with an admin adjustment until `available_micro` are left."""
-    before = await balances.get_balance(pool, org.id)
-    amount = before.available_micro - available_micro
-    await transactions.post(
-        pool, org.id, TransactionType.ADMIN_ADJUSTMENT, -amount, f"drain-{uuid.uuid4()}"
-    )
-    after = await balances.get_balance(pool, org.id)
-    assert after.available_micro == available_micro
-    return after
 
 
 async def assert_charged_once(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
@@ -20,12 +19,20 @@ from openai.types.chat import ChatCompletionMessageParam
 from gateway.app import create_app
 from gateway.config import Config
 from gateway.resources import METRICS
-from ledger import balances, reservations, transactions
-from ledger.balances import Balance
-from ledger.transactions import Transaction, TransactionType
+from ledger import balances, reservations
+from ledger.transactions import Transaction
 from policies.pricing import Rate, affordable_output_tokens, charge_micro, credits_text
 from policies.tokens import count_chat_prompt_tokens, count_text_tokens
-from tests.gateway.conftest import ADMIN_KEY, Gateway, Org, Upstream, new_org
+from tests.gateway.conftest import (
+    ADMIN_KEY,
+    Gateway,
+    Org,
+    Upstream,
+    consumption,
+    drain_to,
+    new_org,
+    reservation_rows,
+)
 
 PER_USD, FAST = Decimal(100), Decimal("1.0")
 GPT_4O_MINI = Rate(Decimal("0.15"), Decimal("0.60"), PER_USD, FAST)
@@ -84,33 +91,6 @@ async def raw_sse(
             text = await response.text()
     lines = text.splitlines()
     return response, [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
-
-
-async def consumption(pool: asyncpg.Pool, org: Org) -> list[Transaction]:
-    page = await transactions.list_transactions(
-        pool, org.id, limit=500, types=frozenset({TransactionType.CONSUMPTION})
-    )
-    return page.data
-
-
-async def reservation_rows(pool: asyncpg.Pool, org: Org) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        """SELECT status, amount_micro, charged_micro, request_id
-             FROM credit_reservations WHERE organization_id = $1""",
-        org.id,
-    )
-
-
-async def drain_to(pool: asyncpg.Pool, org: Org, available_micro: int) -> Balance:
-    """Take credits away with an admin adjustment until `available_micro` are left."""
-    before = await balances.get_balance(pool, org.id)
-    amount = before.available_micro - available_micro
-    await transactions.post(
-        pool, org.id, TransactionType.ADMIN_ADJUSTMENT, -amount, f"drain-{uuid.uuid4()}"
-    )
-    after = await balances.get_balance(pool, org.id)
-    assert after.available_micro == available_micro
-    return after
 
 
 async def settled_alone(pool: asyncpg.Pool, org: Org) -> tuple[int, int]:
