@@ -1,0 +1,406 @@
+"""How fast the ledger moves credits, against the cheapest SQL that could do the same.
+
+One "pair" is what a metered call costs the database: a hold before the call and its
+settlement after it.
+
+* raw: two bare statements on a plain table made for the run,
+  ``UPDATE bench_raw SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2``
+  then ``UPDATE bench_raw SET reserved = reserved - $2, balance = balance - $3 WHERE id = $1``.
+* ledger: ``ledger.reservations.reserve`` then ``ledger.reservations.settle``, each one call
+  of a PL/pgSQL function (credit_reserve, credit_settle) that locks the balance row, writes
+  the reservation and, on settlement, the consumption entry.
+
+Each is measured on one hot row / organization (every worker contends for one row lock) and
+spread over ``--spread`` rows / organizations (1,000 by default; little contention), first
+with ``--concurrency`` workers (32 by default, each holding one connection of a pool of that
+size), then sequentially (one worker) so that the cost of a single call shows. Every
+measurement runs ``--seconds`` (or ``--pairs`` pairs) after a short warm-up; all of them run
+in one process, against one freshly created database on one server. Before the first, every
+organization gets a few settled pairs and the database is analyzed, so that the plans are
+those of tables in use rather than of empty ones.
+
+Reading the table: ``pairs/s`` is completed pairs over wall time; ``ledger/raw`` divides the
+ledger's rate by the raw rate of the same scenario and concurrency, so 1.00 would mean the
+ledger costs no more than two bare UPDATEs, and 0.25 that it sustains a quarter of their rate.
+On the hot row both are bounded by how long each statement holds the row lock (until its
+commit is flushed), so the ratio there shows the extra time the ledger spends inside the lock;
+spread out, the ratio shows the extra CPU and WAL each pair costs. ``p50``/``p99`` are per-pair
+latencies; ``1st``/``2nd`` are the median times of the hold and of the settlement alone;
+``client us`` is this process's CPU time per pair (asyncpg, the ledger module, the event loop),
+which on a small machine is taken from the server. The client runs beside the server and may
+share its few cores, so the absolute numbers describe this machine, not a production
+capacity; compare the ratios.
+
+After the run the ledger invariant (ledger.check) is checked on the bench database; the
+exit status is 1 when it does not hold. The database is dropped at the end, even on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeAlias
+
+import asyncpg
+
+from bench._load import bench_database, postgres_server
+from gateway.config import load_config
+from ledger import catalog_sync, migrations, reservations
+from ledger.accounts import create_organization
+from ledger.check import check_ledger
+from ledger.db import Conn
+from ledger.transactions import TransactionType, post
+
+REPO = Path(__file__).resolve().parent.parent
+HOLD_MICRO = 50_000  # held by each pair
+CHARGE_MICRO = 20_000  # then charged; the rest goes back
+TOPUP_MICRO = 10**15  # per organization / row: no hold is ever refused
+TTL_S = 600
+HISTORY_PAIRS = 3  # settled per organization during set-up, before any measurement
+WARMUP_S = 0.5  # per measurement, untimed: prepares each connection's statements
+PLAN = "team"
+
+RAW_RESERVE = (
+    "UPDATE bench_raw SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2"
+)
+RAW_SETTLE = "UPDATE bench_raw SET reserved = reserved - $2, balance = balance - $3 WHERE id = $1"
+
+# One pair on a connection; returns the seconds its first call (the hold) took.
+Pair = Callable[[Conn, random.Random], Awaitable[float]]
+Pool: TypeAlias = "asyncpg.Pool[asyncpg.Record]"
+
+
+class BenchError(RuntimeError):
+    """A pair did not do what it should (a refused hold, a replay): the numbers would lie."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    raw_ids: list[int]
+    organizations: list[uuid.UUID]
+
+
+@dataclass(frozen=True)
+class Sampled:
+    seconds: float  # wall
+    client_cpu_s: float  # this process's CPU time: asyncpg, the ledger module, the loop
+    samples: list[tuple[float, float]]  # (hold seconds, pair seconds) per pair
+
+
+@dataclass(frozen=True)
+class Result:
+    system: str  # raw | ledger
+    scenario: str  # hot | spread
+    concurrency: int
+    pairs: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    first_p50_ms: float
+    second_p50_ms: float
+    client_us: float  # client CPU per pair
+
+    @property
+    def rate(self) -> float:
+        return self.pairs / self.seconds
+
+
+def raw_pair(ids: Sequence[int]) -> Pair:
+    async def pair(conn: Conn, rng: random.Random) -> float:
+        row = ids[rng.randrange(len(ids))]
+        start = time.perf_counter()
+        status = await conn.execute(RAW_RESERVE, row, HOLD_MICRO)
+        first = time.perf_counter() - start
+        if status != "UPDATE 1":
+            raise BenchError(f"raw row {row} refused a hold ({status})")
+        await conn.execute(RAW_SETTLE, row, HOLD_MICRO, CHARGE_MICRO)
+        return first
+
+    return pair
+
+
+def ledger_pair(organizations: Sequence[uuid.UUID]) -> Pair:
+    async def pair(conn: Conn, rng: random.Random) -> float:
+        org = organizations[rng.randrange(len(organizations))]
+        start = time.perf_counter()
+        hold = await reservations.reserve(
+            conn,
+            org,
+            f"bench-{uuid.uuid4().hex}",
+            minimum_micro=HOLD_MICRO,
+            requested_micro=HOLD_MICRO,
+            ttl_s=TTL_S,
+        )
+        first = time.perf_counter() - start
+        settled = await reservations.settle(conn, org, hold.id, CHARGE_MICRO)
+        if hold.replayed or not settled.applied:
+            raise BenchError(f"reservation {hold.id} was replayed or settled before")
+        return first
+
+    return pair
+
+
+def budget(seconds: float, pairs: int | None) -> Callable[[], bool]:
+    """Whether a worker may start another pair: until `seconds` pass, or `pairs` are taken."""
+    if pairs is None:
+        deadline = time.perf_counter() + seconds
+        return lambda: time.perf_counter() < deadline
+    left = [pairs]
+
+    def take() -> bool:
+        left[0] -= 1
+        return left[0] >= 0
+
+    return take
+
+
+async def worker(
+    pool: Pool, pair: Pair, more: Callable[[], bool], seed: int, samples: list[tuple[float, float]]
+) -> None:
+    """Pairs back to back on one connection; samples get (hold seconds, pair seconds)."""
+    rng = random.Random(seed)
+    async with pool.acquire() as conn:
+        while more():
+            start = time.perf_counter()
+            first = await pair(conn, rng)
+            samples.append((first, time.perf_counter() - start))
+
+
+async def drive(pool: Pool, pair: Pair, concurrency: int, more: Callable[[], bool]) -> Sampled:
+    """Run `concurrency` workers until the budget is spent."""
+    samples: list[tuple[float, float]] = []
+    start, cpu = time.perf_counter(), time.process_time()
+    async with asyncio.TaskGroup() as group:
+        for seed in range(concurrency):
+            group.create_task(worker(pool, pair, more, seed, samples))
+    return Sampled(time.perf_counter() - start, time.process_time() - cpu, samples)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(
+    pool: Pool, system: str, scenario: str, pair: Pair, concurrency: int, args: argparse.Namespace
+) -> Result:
+    await drive(pool, pair, concurrency, budget(WARMUP_S, None))
+    sampled = await drive(pool, pair, concurrency, budget(args.seconds, args.pairs))
+    samples = sampled.samples
+    totals = [total for _, total in samples]
+    return Result(
+        system=system,
+        scenario=scenario,
+        concurrency=concurrency,
+        pairs=len(samples),
+        seconds=sampled.seconds,
+        p50_ms=percentile(totals, 0.50) * 1000,
+        p99_ms=percentile(totals, 0.99) * 1000,
+        first_p50_ms=percentile([first for first, _ in samples], 0.50) * 1000,
+        second_p50_ms=percentile([total - first for first, total in samples], 0.50) * 1000,
+        client_us=sampled.client_cpu_s / len(samples) * 1e6,
+    )
+
+
+async def measure_all(url: str, targets: Targets, args: argparse.Namespace) -> list[Result]:
+    """Every scenario at the chosen concurrency, then sequentially; raw and ledger alternate."""
+    scenarios = [
+        ("raw", "hot", raw_pair(targets.raw_ids[:1])),
+        ("ledger", "hot", ledger_pair(targets.organizations[:1])),
+        ("raw", "spread", raw_pair(targets.raw_ids)),
+        ("ledger", "spread", ledger_pair(targets.organizations)),
+    ]
+    results = []
+    for concurrency in dict.fromkeys([args.concurrency, 1]):
+        async with asyncpg.create_pool(url, min_size=concurrency, max_size=concurrency) as pool:
+            for system, scenario, pair in scenarios:
+                result = await measure(pool, system, scenario, pair, concurrency, args)
+                print(f"  measured {system:<6} {scenario:<6} x{concurrency}: {result.rate:,.0f}/s")
+                results.append(result)
+    return results
+
+
+async def create_raw_table(conn: asyncpg.Connection, rows: int) -> list[int]:
+    await conn.execute(
+        """CREATE TABLE bench_raw (
+               id       integer PRIMARY KEY,
+               balance  bigint NOT NULL,
+               reserved bigint NOT NULL DEFAULT 0 CHECK (reserved >= 0))"""
+    )
+    await conn.execute(
+        "INSERT INTO bench_raw (id, balance) SELECT g, $2 FROM generate_series(1, $1) g",
+        rows,
+        TOPUP_MICRO,
+    )
+    return list(range(1, rows + 1))
+
+
+async def create_organizations(conn: asyncpg.Connection, count: int) -> list[uuid.UUID]:
+    """`count` organizations on the plan, each topped up far beyond what the run spends."""
+    organizations = []
+    async with conn.transaction():
+        for n in range(count):
+            org = await create_organization(conn, f"bench {n}", PLAN)
+            await post(conn, org.id, TransactionType.TOPUP_PURCHASE, TOPUP_MICRO, f"bench-{n}")
+            organizations.append(org.id)
+    return organizations
+
+
+async def seed_history(conn: asyncpg.Connection, organizations: list[uuid.UUID]) -> None:
+    """Settled pairs for every organization before anything is measured (then ANALYZE), so
+    that plans are those of tables in use. A connection that first runs credit_reserve while
+    credit_reservations is nearly empty can cache a sequential scan for its idempotency lookup
+    and keep it, ever slower as the table grows, until something invalidates the plan; on a
+    server without autovacuum nothing may."""
+    await conn.execute(
+        """WITH holds AS MATERIALIZED (
+               SELECT o.org, r.reservation_id
+                 FROM unnest($1::uuid[]) AS o (org)
+                CROSS JOIN generate_series(1, $2) AS g (n)
+                CROSS JOIN LATERAL credit_reserve(o.org, 'history-' || g.n, $3, $3, $4) AS r)
+           SELECT count(*) FROM holds h
+            CROSS JOIN LATERAL credit_settle(h.org, h.reservation_id, $5) AS s""",
+        organizations,
+        HISTORY_PAIRS,
+        HOLD_MICRO,
+        TTL_S,
+        CHARGE_MICRO,
+    )
+
+
+async def prepare(url: str, spread: int) -> Targets:
+    """Migrate and seed the bench database, then create the raw rows and the organizations."""
+    conn = await asyncpg.connect(url)
+    try:
+        await migrations.up(conn)
+        await catalog_sync.seed(conn, load_config(REPO / "config.yaml"))
+        targets = Targets(
+            await create_raw_table(conn, spread), await create_organizations(conn, spread)
+        )
+        await seed_history(conn, targets.organizations)
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+    return targets
+
+
+async def print_header(url: str, where: str, args: argparse.Namespace) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        version = await conn.fetchval("SHOW server_version")
+        settings = await conn.fetch(
+            """SELECT name, current_setting(name) AS value FROM pg_settings
+                WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers', 'autovacuum')
+                ORDER BY name"""
+        )
+        database = await conn.fetchval("SELECT current_database()")
+    finally:
+        await conn.close()
+    budget_text = f"{args.pairs} pairs" if args.pairs else f"{args.seconds:g} s"
+    print("Ledger benchmark: reserve+settle pairs through the ledger vs two raw UPDATEs")
+    print(f"server    PostgreSQL {version}, {where}, database {database}")
+    print("settings  " + " ".join(f"{row['name']}={row['value']}" for row in settings))
+    print(
+        f"client    Python {platform.python_version()}, asyncpg {asyncpg.__version__}, "
+        f"{os.cpu_count()} CPUs shared with the server, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"run       {budget_text} per measurement after {WARMUP_S:g} s warm-up; "
+        f"concurrency {args.concurrency} then 1; hot = 1 row/org, spread = {args.spread}; "
+        f"hold {HOLD_MICRO} micro, charge {CHARGE_MICRO} micro; plan {PLAN}"
+    )
+
+
+def print_table(results: Sequence[Result]) -> None:
+    raw = {(r.scenario, r.concurrency): r.rate for r in results if r.system == "raw"}
+    print()
+    print(
+        f"{'scenario':<16} {'conc':>4} {'pairs':>7} {'pairs/s':>9} {'ledger/raw':>10} "
+        f"{'p50 ms':>7} {'p99 ms':>7} {'1st p50':>8} {'2nd p50':>8} {'client us':>9}"
+    )
+    for r in results:
+        ratio = f"{r.rate / raw[(r.scenario, r.concurrency)]:.2f}" if r.system == "ledger" else ""
+        print(
+            f"{r.system + ' ' + r.scenario:<16} {r.concurrency:>4} {r.pairs:>7} {r.rate:>9,.0f} "
+            f"{ratio:>10} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} "
+            f"{r.first_p50_ms:>8.2f} {r.second_p50_ms:>8.2f} {r.client_us:>9.0f}"
+        )
+    print()
+
+
+async def verify(url: str) -> bool:
+    """Check the ledger invariant on the bench database and say whether it held."""
+    conn = await asyncpg.connect(url)
+    try:
+        violations = await check_ledger(conn)
+        counts = await conn.fetchrow(
+            """SELECT (SELECT count(*) FROM organizations) AS organizations,
+                      (SELECT count(*) FROM credit_reservations) AS reservations,
+                      (SELECT count(*) FROM credit_transactions) AS transactions,
+                      (SELECT sum(reserved) FROM bench_raw) AS raw_reserved"""
+        )
+    finally:
+        await conn.close()
+    assert counts is not None
+    print(
+        f"ledger invariant: {'held' if not violations else 'BROKEN'} "
+        f"({counts['organizations']} organizations, {counts['reservations']} reservations, "
+        f"{counts['transactions']} entries); raw rows left reserved: {counts['raw_reserved']}"
+    )
+    for violation in violations[:20]:
+        print(f"  {violation.organization_id} {violation.kind}: {violation.detail}")
+    return not violations
+
+
+async def run(args: argparse.Namespace) -> int:
+    with tempfile.TemporaryDirectory(prefix="gwbench-", ignore_cleanup_errors=True) as home:
+        async with postgres_server(Path(home)) as (server_url, where):
+            async with bench_database(server_url) as url:
+                started = time.perf_counter()
+                targets = await prepare(url, args.spread)
+                await print_header(url, where, args)
+                print(
+                    f"setup     {time.perf_counter() - started:.1f} s (migrate, seed, "
+                    "organizations)"
+                )
+                results = await measure_all(url, targets, args)
+                print_table(results)
+                held = await verify(url)
+    return 0 if held else 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ledger", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="workers and pool size")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    parser.add_argument("--pairs", type=int, default=None, help="per measurement, not --seconds")
+    parser.add_argument("--spread", type=int, default=1000, help="rows / organizations")
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.spread < 1 or args.seconds <= 0 or (args.pairs or 1) < 1:
+        parser.error("--concurrency, --spread, --seconds and --pairs must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
