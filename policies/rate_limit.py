@@ -115,7 +115,9 @@ class SlidingWindowLimiter:
             window = _WINDOWS[a]
             raise RateLimitExceeded(
                 f"Rate limit of {b} requests per {window} reached for {capability}.",
-                window=window, limit=b, retry_after_ms=c,
+                window=window,
+                limit=b,
+                retry_after_ms=c,
             )
         return Admission(member, a, b, c)
 
