@@ -81,24 +81,66 @@ async def running_gateway(
     args: tuple[str, ...] = ("--sandbox",),
     env: dict[str, str] | None = None,
 ) -> AsyncIterator[GatewayProcess]:
-    """`llm-gateway serve` on a free port; stopped (SIGTERM, then SIGKILL) on the way out."""
+    """`llm-gateway serve` on a free port, once ready; stopped (SIGTERM, then SIGKILL) on the
+    way out."""
+    async with started_gateway(
+        config,
+        database_url=database_url,
+        redis_url=redis_url,
+        admin_key=admin_key,
+        args=args,
+        env=env,
+    ) as gw:
+        await _wait_ready(gw)
+        yield gw
+
+
+@contextlib.asynccontextmanager
+async def started_gateway(
+    config: Config,
+    *,
+    database_url: str,
+    redis_url: str,
+    admin_key: str,
+    args: tuple[str, ...] = ("--sandbox",),
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[GatewayProcess]:
+    """`llm-gateway serve` just started (not yet ready), for tests of its start-up."""
     with tempfile.TemporaryDirectory(prefix="gateway-proc-") as tmp:
         directory = Path(tmp)
         port = free_port()
         log_path = directory / "gateway.log"
-        command = [sys.executable, "-m", "gateway", "serve",
-                   "--config", str(write_config(config, directory)),
-                   "--host", "127.0.0.1", "--port", str(port), *args]
-        environment = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-                       "GATEWAY_ADMIN_KEY": admin_key, "GATEWAY_HOME": str(directory),
-                       **(env or {})}
+        command = [
+            sys.executable,
+            "-m",
+            "gateway",
+            "serve",
+            "--config",
+            str(write_config(config, directory)),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *args,
+        ]
+        environment = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "GATEWAY_ADMIN_KEY": admin_key,
+            "GATEWAY_HOME": str(directory),
+            **(env or {}),
+        }
         with log_path.open("wb") as log_file:
-            process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                       env=environment, start_new_session=True)
-        gw = GatewayProcess(process, f"http://127.0.0.1:{port}", log_path)
+            process = subprocess.Popen(
+                command,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=environment,
+                start_new_session=True,
+            )
         try:
-            await _wait_ready(gw)
-            yield gw
+            yield GatewayProcess(process, f"http://127.0.0.1:{port}", log_path)
         finally:
             _stop(process)
 
