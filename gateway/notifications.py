@@ -52,9 +52,6 @@ class Notifier:
             marker = (str(organization_id), threshold, today.isoformat())
             if marker in self.seen:
                 continue
-            if len(self.seen) > 100_000:
-                self.seen.clear()
-            self.seen.add(marker)
             payload = {
                 "type": threshold,
                 "organization_id": str(organization_id),
@@ -63,7 +60,11 @@ class Notifier:
                 "monthly_credits": credits_number(settlement.monthly_credits_micro),
                 "at": now.isoformat().replace("+00:00", "Z"),
             }
-            if await notifications.record(conn, organization_id, threshold, today, payload):
+            recorded = await notifications.record(conn, organization_id, threshold, today, payload)
+            if len(self.seen) > 100_000:
+                self.seen.clear()
+            self.seen.add(marker)  # only once PostgreSQL has the row (or had it already)
+            if recorded:
                 self.metrics.notifications.labels(threshold).inc()
                 log.warning(
                     "%s: organization %s", threshold, organization_id, extra={"fields": payload}

@@ -92,6 +92,10 @@ def run_worker(worker: Worker) -> None:
     server.shutdown_timeout_s), settle or release what is left, close the pools."""
     configure_logging()
     _fast_event_loop()
+    asyncio.run(_serve_until_stopped(worker))
+
+
+async def _serve_until_stopped(worker: Worker) -> None:
     app = create_app(
         worker.config,
         database_url=worker.database_url,
@@ -99,15 +103,27 @@ def run_worker(worker: Worker) -> None:
         admin_key=worker.admin_key,
         sandbox=worker.sandbox,
     )
-    web.run_app(
+    runner = web.AppRunner(
         app,
-        host=worker.host,
-        port=worker.port,
-        reuse_port=worker.reuse_port or None,
+        handle_signals=False,  # our own handlers: a second signal must not cut the drain short
         shutdown_timeout=worker.config.server.shutdown_timeout_s,
-        print=None,
         access_log=None,
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, worker.host, worker.port, reuse_port=worker.reuse_port or None)
+        await site.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)  # a repeated signal changes nothing
+        await stopping.wait()
+        log.info(
+            "stopping: draining in-flight calls for up to %s s",
+            worker.config.server.shutdown_timeout_s,
+        )
+    finally:
+        await runner.cleanup()
 
 
 def serve(config: Config, args: argparse.Namespace) -> int:
@@ -147,6 +163,7 @@ class Supervisor:
         self.context = multiprocessing.get_context("spawn")  # fresh interpreters: no
         # inherited event loop, atexit hooks or single-process metrics
         self.processes: list[BaseProcess] = []
+        self.signalled: set[int] = set()
         self.stopping = False
         self.restarts: list[float] = []
 
@@ -156,13 +173,17 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         try:
-            self.processes = [self._spawn() for _ in range(self.count)]
+            for _ in range(self.count):
+                if self.stopping:  # a signal during start-up: start no more
+                    break
+                self.processes.append(self._spawn())
             log.info(
                 "serving on %s:%d with %d workers", self.worker.host, self.worker.port, self.count
             )
             while not self.stopping:
                 self._replace_dead()
                 time.sleep(0.2)
+            self._forward(signal.SIGTERM)
             return self._wait_all()
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -190,9 +211,15 @@ class Supervisor:
 
     def _stop(self, signum: int, frame: FrameType | None) -> None:
         self.stopping = True
+        self._forward(signal.SIGTERM)
+
+    def _forward(self, signum: int) -> None:
+        """Signal each live worker once (a worker may already have had it from systemd)."""
         for process in self.processes:
-            if process.is_alive() and process.pid is not None:
-                os.kill(process.pid, signal.SIGTERM)
+            pid = process.pid
+            if pid is not None and pid not in self.signalled and process.is_alive():
+                self.signalled.add(pid)
+                os.kill(pid, signum)
 
     def _wait_all(self) -> int:
         deadline = time.monotonic() + self.worker.config.server.shutdown_timeout_s + 10

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import TracebackType
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -28,10 +28,14 @@ class Relay:
         self.writers: set[asyncio.StreamWriter] = set()
 
     async def open(self) -> str:
-        """The URL through the relay (credentials and path kept)."""
+        """The URL through the relay (credentials and path kept; a Unix-socket `host=`
+        query, as the embedded PostgreSQL's URL has, becomes the relay's TCP address)."""
         await self.restore()
         userinfo, at, _ = self.url.netloc.rpartition("@")
-        return self.url._replace(netloc=f"{userinfo}{at}127.0.0.1:{self.port}").geturl()
+        query = "&".join(p for p in self.url.query.split("&") if p and not p.startswith("host="))
+        return self.url._replace(
+            netloc=f"{userinfo}{at}127.0.0.1:{self.port}", query=query
+        ).geturl()
 
     async def restore(self) -> None:
         if self.server is None:
@@ -61,15 +65,21 @@ class Relay:
     ) -> None:
         await self.close()
 
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        socket_dir = parse_qs(self.url.query).get("host", [""])[0]
+        if socket_dir.startswith("/"):  # PostgreSQL on a Unix socket
+            path = f"{socket_dir}/.s.PGSQL.{self.url.port or 5432}"
+            return await asyncio.open_unix_connection(path)
+        return await asyncio.open_connection(self.url.hostname or "127.0.0.1", self.url.port)
+
     def _abort(self) -> None:
         for writer in self.writers:
             writer.transport.abort()
         self.writers.clear()
 
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        target = (self.url.hostname or "127.0.0.1", self.url.port)
         try:
-            server_r, server_w = await asyncio.open_connection(*target)
+            server_r, server_w = await self._connect()
         except OSError:
             client_w.transport.abort()
             return
