@@ -215,17 +215,17 @@ def upstream_body(call: Call, attempt: Attempt) -> dict[str, Any]:
 
 async def reserve(
     services: Services,
-    call_key: str,
     principal: auth.Principal,
     route: access.Route,
     bounds: tuple[int, int],
     request_id: str,
 ) -> Reservation:
+    """The hold for one call, keyed by its request id (all its attempts share it)."""
     minimum, requested = bounds
     return await reservations.reserve(
         services.pool,
         principal.organization_id,
-        call_key,
+        request_id,
         minimum_micro=minimum,
         requested_micro=requested,
         ttl_s=services.config.credits.reservation_ttl_s,

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import Any
 
 from aiohttp import web
 
 from gateway import outcomes, pipeline, streaming
-from gateway.auth import authenticate
+from gateway.auth import Principal, authenticate
 from gateway.errors import DuplicateRequest, IdempotencyKeyReused, InvalidRequest
 from gateway.logs import CALL_DETAILS
 from gateway.pipeline import Attempt, Call, Endpoint
@@ -19,7 +20,7 @@ from gateway.resources import SERVICES
 from gateway.services import Services
 from gateway.upstream.base import Completion
 from ledger import idempotency
-from ledger.errors import InsufficientCredits
+from ledger.errors import InsufficientCredits, LedgerError
 from policies.errors import AccessDenied
 from policies.pricing import credits_text
 
@@ -58,7 +59,7 @@ async def _metered(
     services: Services,
     endpoint: Endpoint,
     details: dict[str, Any],
-    principal: Any,
+    principal: Principal,
     body: dict[str, Any],
 ) -> web.StreamResponse:
     request_id = details["request_id"]
@@ -75,11 +76,10 @@ async def _metered(
     bounds = pipeline.hold_bounds(services, route, prompt, client_limit, choices)
     decision = await services.limiter.consume(principal, route)
     try:
-        reservation = await pipeline.reserve(
-            services, request_id, principal, route, bounds, request_id
-        )
-    except InsufficientCredits:
-        services.metrics.reservations.labels("rejected").inc()
+        reservation = await pipeline.reserve(services, principal, route, bounds, request_id)
+    except LedgerError as exc:  # refused before any upstream call: the unit goes back
+        if isinstance(exc, InsufficientCredits):
+            services.metrics.reservations.labels("rejected").inc()
         await services.limiter.refund(principal, route, decision)
         raise
     services.metrics.reservations.labels("reserved").inc()
@@ -154,7 +154,7 @@ def _idempotency_key(request: web.Request) -> str | None:
 
 
 async def _claim(
-    services: Services, request: web.Request, organization_id: Any, key: str, raw: bytes
+    services: Services, request: web.Request, organization_id: uuid.UUID, key: str, raw: bytes
 ) -> web.Response | None:
     digest = idempotency.request_hash(request.method, request.path, raw)
     claim = await idempotency.claim(
@@ -175,7 +175,7 @@ async def _claim(
 
 
 async def _remember(
-    services: Services, organization_id: Any, key: str, response: web.StreamResponse
+    services: Services, organization_id: uuid.UUID, key: str, response: web.StreamResponse
 ) -> None:
     body = streaming.captured_body(response)
     headers = {
