@@ -1,5 +1,6 @@
 """The gateway under test: the real app on this module's database, its providers either the
-sandbox simulator (sandbox mode) or a recording simulator the test controls."""
+sandbox simulator (sandbox mode) or a recording simulator the test controls; and what the
+scheduled jobs run with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import asyncpg
 import pytest
 from aiohttp import web
@@ -110,6 +112,22 @@ async def sandbox_gateway(
         yield Gateway(str(server.make_url("")).rstrip("/"), app)
     finally:
         await server.close()
+
+
+@pytest.fixture
+async def job_conn(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A dedicated connection, as the jobs want (advisory locks are per session)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as http:
+        yield http
 
 
 async def new_org(pool: asyncpg.Pool, plan: str = "pro", name: str = "org") -> Org:

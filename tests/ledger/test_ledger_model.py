@@ -2,76 +2,36 @@
 ledger on PostgreSQL for one new organization per example, and after every step compares its
 balance with a small, exact, pure-Python model of that organization (SPEC §4).
 
-The model keeps the three buckets (monthly remaining, bonus, overdraft used), the holds, the
-plan and its pending downgrade, and the billing period on a model clock that starts at the
-organization's creation and only moves forward, in the reset rule."""
+The model is tests/ledger/model.py; the organization, its connection and the checks after
+every step are tests/ledger/harness.py; the steps (posted entries, holds, the clock with its
+period resets, plan changes) are here."""
 
 from __future__ import annotations
 
-import asyncio
-import calendar
-import itertools
 import uuid
 from collections.abc import Coroutine
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from datetime import datetime, timedelta
+from typing import Any
 
-import asyncpg
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
     MultipleResults,
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
     multiple,
     precondition,
     rule,
     run_state_machine_as_test,
 )
 
-from ledger import accounts, balances, periods, reservations
-from ledger.check import check_ledger
+from ledger import periods, reservations
 from ledger.errors import IdempotencyConflict, InsufficientCredits, PlanChangeNotAllowed
-from ledger.periods import PlanChangeKind
 from ledger.reservations import ReservationStatus
 from ledger.transactions import TransactionType, post
+from tests.ledger.harness import LedgerHarness
+from tests.ledger.model import MICRO, PLANS, Hold, Split, add_months, other_type
 
-T = TypeVar("T")
-
-MICRO = 1_000_000
-
-
-@dataclass(frozen=True)
-class Terms:
-    order: int  # a later plan is an upgrade
-    monthly: int
-    welcome: int
-    overdraft: int
-
-
-PLANS: dict[str, Terms] = {
-    "free": Terms(0, 10 * MICRO, 10 * MICRO, 0),
-    "pro": Terms(1, 500 * MICRO, 25 * MICRO, 10 * MICRO),
-    "team": Terms(2, 2000 * MICRO, 50 * MICRO, 50 * MICRO),
-}
-
-# Billing anchors: None is the real clock (reservation ttls then matter on the model clock);
-# the others end months (day clamping), a year, a leap day, or lie in the future.
-ANCHORS = st.one_of(
-    st.none(),
-    st.sampled_from(
-        [
-            datetime(2024, 1, 31, 12, 0, tzinfo=UTC),
-            datetime(2023, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
-            datetime(2024, 2, 29, 0, 0, tzinfo=UTC),
-            datetime(2031, 5, 31, 8, 30, 15, 250000, tzinfo=UTC),
-        ]
-    ),
-)
 AMOUNTS = st.one_of(
     st.integers(1, 1000),
     st.integers(1, 3000).map(lambda credits: credits * MICRO),
@@ -91,226 +51,10 @@ SETTINGS = settings(
 )
 
 
-def add_months(t: datetime, n: int) -> datetime:
-    """PostgreSQL's `t + interval 'n months'` in UTC: the day is clamped to the month's end."""
-    months = t.month - 1 + n
-    year, month = t.year + months // 12, months % 12 + 1
-    return t.replace(year=year, month=month, day=min(t.day, calendar.monthrange(year, month)[1]))
-
-
-def period_containing(anchor: datetime, now: datetime) -> tuple[datetime, datetime]:
-    n = (now.year - anchor.year) * 12 + now.month - anchor.month
-    while add_months(anchor, n) > now:
-        n -= 1
-    while add_months(anchor, n + 1) <= now:
-        n += 1
-    return add_months(anchor, n), add_months(anchor, n + 1)
-
-
-@dataclass(frozen=True)
-class Split:
-    """How one entry moved each bucket, signed as the ledger records it (overdraft > 0 is
-    overdraft repaid, < 0 overdraft drawn)."""
-
-    monthly: int = 0
-    bonus: int = 0
-    overdraft: int = 0
-
-
-@dataclass
-class Hold:
-    key: str
-    minimum: int
-    requested: int
-    amount: int
-    expires_at: datetime
-    status: ReservationStatus = ReservationStatus.PENDING
-    charged: int | None = None
-
-
-@dataclass
-class Model:
-    """One organization's balance, exactly, in integer micro-credits."""
-
-    plan: str
-    anchor: datetime
-    now: datetime
-    period_start: datetime
-    period_end: datetime
-    monthly_credits: int
-    overdraft_limit: int
-    monthly_remaining: int = 0
-    bonus: int = 0
-    reserved: int = 0
-    overdraft_used: int = 0
-    pending_plan: str | None = None
-    pending_change_at: datetime | None = None
-    posts: dict[str, tuple[TransactionType, int]] = field(default_factory=dict)
-    holds: dict[uuid.UUID, Hold] = field(default_factory=dict)
-    refused: dict[str, tuple[int, int]] = field(default_factory=dict)
-
-    @classmethod
-    def create(cls, plan: str, now: datetime) -> Model:
-        terms = PLANS[plan]
-        model = cls(plan, now, now, now, add_months(now, 1), terms.monthly, terms.overdraft)
-        model.credit(terms.monthly, to_monthly=True)
-        model.credit(terms.welcome, to_monthly=False)
-        return model
-
-    @property
-    def available(self) -> int:
-        return self.monthly_remaining + self.bonus - self.overdraft_used
-
-    @property
-    def spendable(self) -> int:
-        return self.available - self.reserved + self.overdraft_limit
-
-    def credit(self, amount: int, *, to_monthly: bool) -> Split:
-        """Repay the overdraft in use first, then fill the monthly or the bonus bucket."""
-        repaid = min(self.overdraft_used, amount)
-        self.overdraft_used -= repaid
-        rest = amount - repaid
-        if to_monthly:
-            self.monthly_remaining += rest
-            return Split(monthly=rest, overdraft=repaid)
-        self.bonus += rest
-        return Split(bonus=rest, overdraft=repaid)
-
-    def debit(self, amount: int, *, monthly_first: bool) -> Split:
-        """Take `amount` >= 0: consumption takes monthly then bonus, other debits bonus then
-        monthly; whatever is left is drawn on the overdraft, limit or not."""
-        if monthly_first:
-            from_monthly = min(self.monthly_remaining, amount)
-            from_bonus = min(self.bonus, amount - from_monthly)
-        else:
-            from_bonus = min(self.bonus, amount)
-            from_monthly = min(self.monthly_remaining, amount - from_bonus)
-        drawn = amount - from_monthly - from_bonus
-        self.monthly_remaining -= from_monthly
-        self.bonus -= from_bonus
-        self.overdraft_used += drawn
-        return Split(-from_monthly, -from_bonus, -drawn)
-
-    def post(self, amount: int) -> Split:
-        if amount > 0:
-            return self.credit(amount, to_monthly=False)
-        return self.debit(-amount, monthly_first=False)
-
-    def reserve(self, minimum: int, requested: int) -> int | None:
-        """The hold granted, or None when even the minimum is not spendable."""
-        if self.spendable < minimum:
-            return None
-        amount = min(requested, self.spendable)
-        self.reserved += amount
-        return amount
-
-    def settle(self, hold: Hold, charge: int) -> None:
-        hold.status, hold.charged = ReservationStatus.SETTLED, charge
-        self.reserved -= hold.amount
-        self.debit(charge, monthly_first=True)
-
-    def release(self, hold: Hold, status: ReservationStatus) -> None:
-        hold.status = status
-        self.reserved -= hold.amount
-
-    def reset(self) -> tuple[int, int] | None:
-        """(expired, allocated) when the period is over by `now`, else None."""
-        if self.period_end > self.now:
-            return None
-        expired, self.monthly_remaining = self.monthly_remaining, 0
-        if self.pending_plan is not None:
-            self.plan, self.pending_plan, self.pending_change_at = self.pending_plan, None, None
-        terms = PLANS[self.plan]
-        self.period_start, self.period_end = period_containing(self.anchor, self.now)
-        self.monthly_credits, self.overdraft_limit = terms.monthly, terms.overdraft
-        self.credit(terms.monthly, to_monthly=True)
-        return expired, terms.monthly
-
-    def change_plan(
-        self, plan: str, direction: str | None
-    ) -> tuple[PlanChangeKind, datetime, int] | None:
-        """(kind, effective at, adjustment), or None when the change is not allowed."""
-        current, new = PLANS[self.plan], PLANS[plan]
-        if plan == self.plan:
-            if self.pending_plan is None or direction is not None:
-                return None
-            self.pending_plan = self.pending_change_at = None
-            return PlanChangeKind.DOWNGRADE_CANCELLED, self.now, 0
-        if new.order > current.order:
-            if direction == "downgrade":
-                return None
-            self.plan, self.pending_plan, self.pending_change_at = plan, None, None
-            self.overdraft_limit = new.overdraft
-            diff = new.monthly - current.monthly
-            if diff > 0:
-                self.monthly_credits += diff
-                self.credit(diff, to_monthly=True)
-            return PlanChangeKind.UPGRADED, self.now, max(diff, 0)
-        if direction == "upgrade":
-            return None
-        self.pending_plan, self.pending_change_at = plan, self.period_end
-        return PlanChangeKind.DOWNGRADE_SCHEDULED, self.period_end, 0
-
-
-def other_type(kind: TransactionType, amount: int) -> TransactionType:
-    """Another postable type for the same signed amount: an idempotency conflict."""
-    if amount < 0:
-        return (
-            TransactionType.ADMIN_ADJUSTMENT
-            if kind is TransactionType.REFUND
-            else TransactionType.REFUND
-        )
-    return {
-        TransactionType.PROMO_BONUS: TransactionType.TOPUP_PURCHASE,
-        TransactionType.TOPUP_PURCHASE: TransactionType.ADMIN_ADJUSTMENT,
-        TransactionType.ADMIN_ADJUSTMENT: TransactionType.PROMO_BONUS,
-    }[kind]
-
-
-class LedgerMachine(RuleBasedStateMachine):
+class LedgerMachine(LedgerHarness):
     """Drives the ledger of one new organization per example; see make_machine."""
 
-    database_url = ""
-    names = itertools.count()
     holds: Bundle[uuid.UUID] = Bundle("holds")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.conn = self.loop.run_until_complete(asyncpg.connect(self.database_url))
-        self.keys = itertools.count()
-        self._model: Model | None = None
-        self._org: uuid.UUID | None = None
-
-    def teardown(self) -> None:
-        try:
-            self.loop.run_until_complete(self.conn.close())
-        finally:
-            self.loop.close()
-
-    def run(self, call: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(call)
-
-    @property
-    def m(self) -> Model:
-        assert self._model is not None
-        return self._model
-
-    @property
-    def org(self) -> uuid.UUID:
-        assert self._org is not None
-        return self._org
-
-    def key(self, prefix: str) -> str:
-        return f"{prefix}-{next(self.keys)}"
-
-    @initialize(plan=st.sampled_from(sorted(PLANS)), anchor=ANCHORS)
-    def create(self, plan: str, anchor: datetime | None) -> None:
-        now = anchor or datetime.now(UTC)
-        name = f"model-{next(self.names)}"
-        org = self.run(accounts.create_organization(self.conn, name, plan, now=now))
-        assert (org.plan, org.pending_plan, org.created_at) == (plan, None, now)
-        self._org, self._model = org.id, Model.create(plan, now)
 
     # -- posted entries ---------------------------------------------------------------
 
@@ -586,47 +330,6 @@ class LedgerMachine(RuleBasedStateMachine):
             adjustment,
         )
         assert (done.transaction_id is not None) == (adjustment > 0)
-
-    # -- after every step ---------------------------------------------------------------
-
-    @invariant()
-    def balance_matches_model(self) -> None:
-        if self._model is None:
-            return
-        m = self.m
-        balance = self.run(balances.get_balance(self.conn, self.org))
-        org = self.run(accounts.get_organization(self.conn, self.org))
-        actual = {
-            "plan": balance.plan,
-            "pending_plan": org.pending_plan,
-            "pending_change_at": org.pending_change_at,
-            "monthly_credits": balance.monthly_credits_micro,
-            "monthly_remaining": balance.monthly_remaining_micro,
-            "bonus": balance.bonus_credits_micro,
-            "reserved": balance.reserved_credits_micro,
-            "overdraft_limit": balance.overdraft_limit_micro,
-            "overdraft_used": balance.overdraft_used_micro,
-            "period": (balance.period_start, balance.period_end),
-        }
-        expected = {
-            "plan": m.plan,
-            "pending_plan": m.pending_plan,
-            "pending_change_at": m.pending_change_at,
-            "monthly_credits": m.monthly_credits,
-            "monthly_remaining": m.monthly_remaining,
-            "bonus": m.bonus,
-            "reserved": m.reserved,
-            "overdraft_limit": m.overdraft_limit,
-            "overdraft_used": m.overdraft_used,
-            "period": (m.period_start, m.period_end),
-        }
-        assert actual == expected
-        assert balance.spendable_micro == m.spendable
-
-    @invariant()
-    def ledger_is_sound(self) -> None:
-        if self._org is not None:
-            assert self.run(check_ledger(self.conn, self.org)) == []
 
 
 def make_machine(database_url: str) -> type[LedgerMachine]:
