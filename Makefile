@@ -30,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.ledger
+	$(BIN)/python -m bench.ratelimit
 	$(BIN)/python -m bench.proxy
 
 clean:

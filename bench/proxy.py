@@ -1,267 +1,246 @@
 """What the gateway costs per call, against calling the upstream directly and against the
-LiteLLM proxy, all three in front of one fast fake OpenAI upstream.
+LiteLLM proxy, all in front of one fast fake OpenAI upstream; with one and more worker
+processes, and with its rate limiter on and off.
 
-Targets, measured in one run and one after the other (each server stopped before the next):
+Targets, measured in one run:
 
 * direct: the client calls the fake upstream itself (the baseline);
-* gateway: ``llm-gateway serve`` with every feature on: API-key authentication, plan
-  policy, a credit reservation in PostgreSQL before the call and its settlement after it
-  (an organization on the ``team`` plan, no rate limits, topped up far beyond the run);
+* gateway wN: ``llm-gateway serve --workers N`` for each N of ``--workers`` (1, 2; for N > 1
+  a supervisor and N workers sharing the port) with every feature on: API-key
+  authentication, plan policy, a credit reservation in PostgreSQL before the call and its
+  settlement after it (an organization on the ``team`` plan, no rate limits, topped up far
+  beyond the run);
+* limits off / on (``--limits``, default): the gateway with one worker, plain requests only.
+  Off is ``team`` as configured (rpm/rpd null: no Redis call); on sets its
+  ``question_generation`` rpm = rpd = 10**9, so every request runs the limiter's Lua script
+  in Redis (``policies.rate_limit``) and none is refused;
 * litellm: the LiteLLM proxy (``litellm[proxy]`` from PyPI, in its own virtualenv under
-  ``.gateway/bench-litellm-venv``, no database, checking a master key, ``LITELLM_LOG=ERROR``).
+  ``.gateway/bench-litellm-venv``, its default single process, no database, checking a
+  master key, ``LITELLM_LOG=ERROR``).
 
-The fake upstream, the gateway and LiteLLM each run in their own process; the fake answers
-``POST /v1/chat/completions`` with a fixed small body carrying usage, or a short SSE stream
-with a usage chunk when ``stream_options.include_usage`` is set. The same request (model
-``gpt-4o-mini``, ``max_tokens`` 16) goes to every target, non-streaming ("plain") and
-streaming with ``include_usage`` ("stream"), at each ``--concurrency`` (closed loop: every
-worker sends its next request when the last one is read to its end), for ``--duration``
-seconds after a one-second warm-up.
+The same request (``gpt-4o-mini``, ``max_tokens`` 16) goes to every target, non-streaming
+("plain") and streaming with ``include_usage`` ("stream"), at each ``--concurrency`` (closed
+loop). The fake answers with a fixed small body carrying usage, or a short SSE stream ending
+in a usage chunk. A cell (target, mode, concurrency) runs ``--duration`` s in ``--rounds``
+parts. The gateway wN run at once (idle but for their turn), as do limits off and on: in
+each round every one of them takes its turn, in reverse order every other round, so drift
+and bursts of noise on this shared machine fall on all alike; the per-round rates are shown.
+Each gateway has its own database on one PostgreSQL server (holding settled calls of 300
+other organizations, analyzed before it starts, as in bench.ledger: on empty tables its
+connections would cache plans that slow down as the tables grow) and its own key prefix on
+one Redis (deleted afterwards).
 
 Reading the output: ``req/s`` is completed requests over wall time; ``p50``/``p99`` are
-per-request latencies (a stream counts until its last byte). The overhead of a proxy is
-its latency minus the direct latency at concurrency 1, where nothing queues; the throughput
-ratios at the highest concurrency show what each proxy sustains relative to the other and to
-the bare upstream. Memory is the resident set of each server process and its children after
-its load; start-up is from spawning the process to its first good answer (the gateway's
-database is migrated beforehand). The client, the fake and the server share this machine's
-few cores, so absolute numbers describe this machine; compare the ratios.
+per-request latencies (a stream counts until its last byte). A proxy's overhead is its
+latency minus the direct latency at concurrency 1, where nothing queues; throughput ratios
+are taken at the highest concurrency. Memory is the resident set of a server's whole process
+tree after its load (for wN the supervisor, the workers and multiprocessing's resource
+tracker; PSS, which splits shared pages between processes, beside it); start-up runs from
+spawning to the first good answer (the database is migrated beforehand). The client, the
+fake, the servers, PostgreSQL and Redis share this machine's few cores (a second worker
+competes with all of them), so absolute numbers describe this machine; compare ratios.
 
-Correctness is checked on the way: every gateway answer must be 200 with usage, and after
-the run the ledger invariant (``ledger.check``) must hold on the bench database and the
-organization must have exactly one consumption entry per gateway request. The exit status
-is 1 when any of that fails. The bench database is dropped at the end, even on error.
+Correctness is checked for every gateway configuration: every answer 200 with usage; after
+its run the ledger invariant (``ledger.check``) holds on its database, the organization has
+one consumption entry per request, and its rate-limit day log one entry per request with
+limits on, none with them off. Otherwise the exit status is 1. The bench databases are
+dropped at the end, even on error.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import secrets
-import subprocess
 import sys
 import tempfile
-import uuid
-from collections.abc import Sequence
+import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import asyncpg
-import yaml
 
 from bench._load import (
+    MODES,
     Cell,
+    Child,
     Endpoint,
+    Memory,
     bench_database,
+    ensure_litellm,
+    find,
     first_success,
     free_port,
-    measure,
+    gateway_argv,
+    gateway_check,
+    gateway_env,
+    litellm_config,
+    litellm_env,
+    measure_in_turns,
+    overhead,
     postgres_server,
+    postgres_settings,
+    prepare_gateway,
+    print_cell,
+    print_table,
+    ratio,
     redis_server,
     spawned,
-    tree_rss,
+    take_limiter_log,
+    text,
+    tree_memory,
+    wait_listeners,
     wait_port,
+    write_config,
 )
-from gateway.config import load_config
-from ledger import catalog_sync, migrations
-from ledger.accounts import create_api_key, create_organization
-from ledger.check import check_ledger
-from ledger.transactions import TransactionType, post
+from bench.ledger import create_organizations, seed_history
 
 REPO = Path(__file__).resolve().parent.parent
 LITELLM_VENV = REPO / ".gateway" / "bench-litellm-venv"
 TOPUP_MICRO = 10**13  # ten million credits: no reservation is ever refused
-WARMUP_S = 1.0
+WARMUP_S = 1.0  # before a cell's first round
+ROUND_WARMUP_S = 0.5  # before each later round (a new client session)
 START_TIMEOUT_S = 180.0
-INSTALL_TIMEOUT_S = 1200.0
 PLAN = "team"
+CAPABILITY = "question_generation"  # the default capability, which every bench request uses
+HIGH_LIMIT = 10**9  # rpm and rpd with limits on: never reached
+MIB = 2**20
+HISTORY_ORGS = 300  # each with bench.ledger.HISTORY_PAIRS settled calls before the gateway
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One gateway configuration under test."""
+
+    name: str
+    workers: int
+    limits: bool = False
+
+
+@dataclass(frozen=True)
+class Services:
+    """What every gateway configuration shares: the work directory, the fake, the servers."""
+
+    home: Path
+    fake: str
+    postgres_url: str
+    redis_url: str
 
 
 @dataclass
 class Outcome:
     cells: list[Cell] = field(default_factory=list)
     startup_s: dict[str, float] = field(default_factory=dict)
-    rss: dict[str, int] = field(default_factory=dict)
+    memory: dict[str, Memory] = field(default_factory=dict)
+    gateways: list[str] = field(default_factory=list)  # gateway wN, in the order measured
     failures: list[str] = field(default_factory=list)  # the gateway's: the exit status
     notes: list[str] = field(default_factory=list)
 
 
-async def load_target(endpoint: Endpoint, args: argparse.Namespace, out: Outcome) -> None:
-    for stream in (False, True):
+async def load(
+    endpoints: Sequence[Endpoint], streams: Sequence[bool], args: argparse.Namespace, out: Outcome
+) -> None:
+    for stream in streams:
         for concurrency in args.concurrency:
-            cell = await measure(endpoint, stream, concurrency, args.duration, WARMUP_S)
-            print(
-                f"  {cell.target:<8} {cell.mode:<6} x{concurrency:<3} {cell.rate:8.0f} req/s"
-                f"  p50 {cell.ms(0.5):7.2f} ms  errors {cell.errors}",
-                flush=True,
+            seconds = args.duration / args.rounds
+            warmups = (WARMUP_S, ROUND_WARMUP_S)
+            turns = await measure_in_turns(
+                endpoints, stream, concurrency, seconds, args.rounds, warmups
             )
-            for sample in cell.error_samples:
-                print(f"      error: {sample}", flush=True)
-            out.cells.append(cell)
+            for cell in turns:
+                print_cell(cell)
+            out.cells += turns
 
 
-# --- the gateway's services ---------------------------------------------------------------
+# --- the gateway --------------------------------------------------------------------------
 
 
-async def prepare_gateway(url: str) -> tuple[uuid.UUID, str]:
-    """Migrate and seed the bench database; an organization on the plan, topped up, a key."""
+async def add_history(url: str) -> None:
+    """Other organizations with settled calls, then VACUUM ANALYZE: the gateway meets tables
+    in use, not empty ones whose plans its connections would cache (see bench.ledger)."""
     conn = await asyncpg.connect(url)
     try:
-        await migrations.up(conn)
-        await catalog_sync.seed(conn, load_config(REPO / "config.yaml"))
-        org = await create_organization(conn, "proxy bench", PLAN)
-        await post(conn, org.id, TransactionType.TOPUP_PURCHASE, TOPUP_MICRO, "bench-topup")
-        key = await create_api_key(conn, org.id, "bench")
+        await seed_history(conn, await create_organizations(conn, HISTORY_ORGS))
+        await conn.execute("VACUUM ANALYZE")
     finally:
         await conn.close()
-    return org.id, key.key
 
 
-async def postgres_settings(url: str) -> str:
-    conn = await asyncpg.connect(url)
-    try:
-        version = await conn.fetchval("SHOW server_version")
-        rows = await conn.fetch(
-            """SELECT name, current_setting(name) AS value FROM pg_settings
-                WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers') ORDER BY name"""
-        )
-    finally:
-        await conn.close()
-    settings = " ".join(f"{row['name']}={row['value']}" for row in rows)
-    return f"gateway PostgreSQL {version}: {settings}"
-
-
-def gateway_config(home: Path, fake_base: str) -> Path:
-    """The repo's config.yaml with the openai provider aimed at the fake."""
-    data = yaml.safe_load((REPO / "config.yaml").read_text())
-    data["providers"]["openai"]["api_base"] = fake_base
-    path = home / "gateway.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def gateway_argv(config: Path, port: int) -> list[str]:
-    script = Path(sys.executable).parent / "llm-gateway"
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "gateway"]
-    return [*head, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-
-
-def gateway_env(home: Path, database_url: str, redis_url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "GATEWAY_CONFIG"}
-    return env | {
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "GATEWAY_ADMIN_KEY": secrets.token_urlsafe(24),
-        "GATEWAY_HOME": str(home / "gateway-home"),
-        "OPENAI_API_KEY": "sk-bench",
-        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    }
-
-
-async def run_gateway(args: argparse.Namespace, home: Path, fake: str, out: Outcome) -> None:
-    async with postgres_server(home) as (server_url, where), bench_database(server_url) as url:
-        out.notes.append(f"gateway database: {where}")
-        org, key = await prepare_gateway(url)
-        out.notes.append(await postgres_settings(url))
+@contextlib.asynccontextmanager
+async def gateway(
+    setup: Setup, svc: Services, out: Outcome
+) -> AsyncIterator[tuple[Endpoint, Child]]:
+    """A gateway configuration served from a database of its own, checked once it stopped."""
+    async with bench_database(svc.postgres_url) as url:
+        org, key = await prepare_gateway(url, REPO / "config.yaml", PLAN, TOPUP_MICRO)
+        await add_history(url)
+        prefix = f"gwbench{secrets.token_hex(4)}:"
         port = free_port()
-        endpoint = Endpoint("gateway", f"http://127.0.0.1:{port}/v1/chat/completions", key)
-        with redis_server(home) as redis_url:
-            env = gateway_env(home, url, redis_url)
-            argv = gateway_argv(gateway_config(home, fake), port)
-            with spawned("gateway", argv, env, home / "gateway.log") as child:
-                out.startup_s["gateway"] = await first_success(endpoint, child, START_TIMEOUT_S)
-                await load_target(endpoint, args, out)
-                out.rss["gateway"] = tree_rss(child.process.pid)
+        endpoint = Endpoint(setup.name, f"http://127.0.0.1:{port}/v1/chat/completions", key)
+        limits = {CAPABILITY: {"rpm": HIGH_LIMIT, "rpd": HIGH_LIMIT}} if setup.limits else {}
+        config = svc.home / f"{setup.name.replace(' ', '-')}.yaml"
+        write_config(REPO / "config.yaml", config, svc.fake, prefix, {PLAN: limits})
+        argv = gateway_argv(config, port, setup.workers)
+        env = gateway_env(svc.home, url, svc.redis_url)
+        log = svc.home / f"{setup.name.replace(' ', '-')}.log"
+        try:
+            with spawned(setup.name, argv, env, log) as child:
+                out.startup_s[setup.name] = await first_success(endpoint, child, START_TIMEOUT_S)
+                listening = await wait_listeners(child.process.pid, port, setup.workers)
+                if listening != setup.workers:
+                    out.failures.append(f"{setup.name}: {listening} processes listen")
+                yield endpoint, child
                 log_tail = child.log_tail(10)
-        if any(c.errors for c in out.cells if c.target == "gateway") and log_tail:
-            out.notes.append("gateway log tail:\n" + log_tail)
-        await verify_gateway(url, org, endpoint, out)
+        finally:
+            logged = await take_limiter_log(svc.redis_url, prefix, org, CAPABILITY)
+        errors = sum(c.errors for c in out.cells if c.target == setup.name)
+        if errors and log_tail:
+            out.notes.append(f"{setup.name} log tail:\n{log_tail}")
+        expected = endpoint.responses if setup.limits else 0
+        note, failures = await gateway_check(url, org, endpoint, errors, logged, expected)
+        out.notes.append(note)
+        out.failures += failures
 
 
-async def verify_gateway(url: str, org: uuid.UUID, endpoint: Endpoint, out: Outcome) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        violations = await check_ledger(conn)
-        entries = await conn.fetchval(
-            """SELECT count(*) FROM credit_transactions
-                WHERE organization_id = $1 AND transaction_type = 'consumption'""",
-            org,
-        )
-        pending = await conn.fetchval(
-            "SELECT count(*) FROM credit_reservations WHERE status = 'pending'"
-        )
-    finally:
-        await conn.close()
-    errors = sum(c.errors for c in out.cells if c.target == "gateway")
-    out.notes.append(
-        f"gateway check: {endpoint.responses} HTTP answers ({endpoint.non_200} not 200, "
-        f"{errors} failed requests in all), {entries} consumption entries, "
-        f"{pending} pending reservations, ledger invariant "
-        + ("held" if not violations else f"BROKEN ({len(violations)} violations)")
-    )
-    if errors or endpoint.non_200:
-        out.failures.append(f"{errors} gateway requests failed ({endpoint.non_200} not 200)")
-    if entries != endpoint.responses:
-        out.failures.append(f"{entries} consumption entries for {endpoint.responses} requests")
-    out.failures += [f"ledger: {v.organization_id} {v.kind}: {v.detail}" for v in violations]
+async def run_gateways(args: argparse.Namespace, home: Path, fake: str, out: Outcome) -> None:
+    async with postgres_server(home) as (postgres_url, where):
+        out.notes.append(f"gateway database: {where}, a database per configuration")
+        out.notes.append(await postgres_settings(postgres_url))
+        with redis_server(home) as redis_url:
+            embedded = redis_url != os.environ.get("REDIS_URL")
+            out.notes.append(f"gateway Redis: {'embedded' if embedded else 'REDIS_URL'}")
+            svc = Services(home, fake, postgres_url, redis_url)
+            setups = [Setup(f"gateway w{n}", n) for n in args.workers]
+            await run_group(setups, (False, True), args, svc, out)
+            out.gateways += [setup.name for setup in setups]
+            if args.limits:
+                limits = [Setup("limits off", 1), Setup("limits on", 1, limits=True)]
+                await run_group(limits, (False,), args, svc, out)
+
+
+async def run_group(
+    setups: Sequence[Setup],
+    streams: Sequence[bool],
+    args: argparse.Namespace,
+    svc: Services,
+    out: Outcome,
+) -> None:
+    """The setups served at once (the idle ones waiting) and measured in turns; the memory
+    of each after the group's load. Started last to first, so they are checked in order."""
+    async with contextlib.AsyncExitStack() as stack:
+        served = [await stack.enter_async_context(gateway(s, svc, out)) for s in setups[::-1]]
+        served.reverse()
+        await load([endpoint for endpoint, _ in served], streams, args, out)
+        for setup, (_, child) in zip(setups, served, strict=True):
+            out.memory[setup.name] = tree_memory(child.process.pid)
 
 
 # --- LiteLLM ------------------------------------------------------------------------------
-
-
-def _litellm_version(python: Path) -> str | None:
-    probe = "import importlib.metadata as m, fastapi, uvicorn; print(m.version('litellm'))"
-    if not python.exists():
-        return None
-    done = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else None
-
-
-def ensure_litellm() -> tuple[Path, str] | None:
-    """The LiteLLM venv's bin directory and version, installing it the first time."""
-    bin_dir = LITELLM_VENV / "bin"
-    version = _litellm_version(bin_dir / "python")
-    if version and (bin_dir / "litellm").exists():
-        return bin_dir, version
-    print(f"installing litellm[proxy] into {LITELLM_VENV} (once; may take minutes)", flush=True)
-    steps = [
-        [sys.executable, "-m", "venv", str(LITELLM_VENV)],
-        [str(bin_dir / "pip"), "install", "--quiet", "litellm[proxy]"],
-    ]
-    for step in steps:
-        try:
-            done = subprocess.run(step, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            print(f"LiteLLM skipped: {' '.join(step)}: {exc}")
-            return None
-        if done.returncode != 0:
-            tail = "\n".join((done.stderr or done.stdout).splitlines()[-15:])
-            print(f"LiteLLM skipped: {' '.join(step)} failed:\n{tail}")
-            return None
-    version = _litellm_version(bin_dir / "python")
-    return (bin_dir, version) if version else None
-
-
-def litellm_config(home: Path, fake_base: str) -> Path:
-    entry = {
-        "model_name": "gpt-4o-mini",
-        "litellm_params": {"model": "openai/gpt-4o-mini", "api_base": fake_base, "api_key": "sk"},
-    }
-    path = home / "litellm.yaml"
-    path.write_text(yaml.safe_dump({"model_list": [entry]}, sort_keys=False))
-    return path
-
-
-def litellm_env(master_key: str) -> dict[str, str]:
-    keep = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    return keep | {
-        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-        "LITELLM_LOG": "ERROR",
-        "LITELLM_MASTER_KEY": master_key,  # it refuses to start without one
-    }
 
 
 async def run_litellm(
@@ -278,8 +257,8 @@ async def run_litellm(
         except RuntimeError as exc:
             print(f"LiteLLM skipped: it did not start: {exc}")
             return
-        await load_target(endpoint, args, out)
-        out.rss["litellm"] = tree_rss(child.process.pid)
+        await load([endpoint], (False, True), args, out)
+        out.memory["litellm"] = tree_memory(child.process.pid)
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -288,83 +267,124 @@ async def run_litellm(
 def print_header(args: argparse.Namespace, litellm: str | None) -> None:
     print("Proxy benchmark: direct to a fake OpenAI upstream vs this gateway vs LiteLLM proxy")
     print(
-        f"machine   {os.cpu_count()} CPUs shared by the load client, the fake upstream and the "
-        f"server under test (each its own process, none pinned); "
+        f"machine   {os.cpu_count()} CPUs shared by the load client, the fake upstream, the "
+        f"server under test, PostgreSQL and Redis (each its own process, none pinned); "
         f"load average {os.getloadavg()[0]:.2f}"
     )
     print(
         f"client    Python {platform.python_version()}, aiohttp {aiohttp.__version__}; "
-        f"LiteLLM {litellm or 'skipped'}"
+        f"LiteLLM {litellm or 'skipped'} (one process)"
     )
     print(
-        f"run       {args.duration:g} s per cell after {WARMUP_S:g} s warm-up; concurrency "
+        f"run       {args.duration:g} s per cell in {args.rounds} rounds ({WARMUP_S:g} s warm-up "
+        f"before the first, {ROUND_WARMUP_S:g} s before the others); concurrency "
         f"{', '.join(map(str, args.concurrency))}; plain and stream (include_usage)"
+    )
+    print(
+        f"gateway   --workers {', '.join(map(str, args.workers))} served at once, taking turns; "
+        + ("then limits off and on (w1, plain) the same way" if args.limits else "no limits run")
     )
 
 
-def find(cells: Sequence[Cell], target: str, mode: str, concurrency: int) -> Cell | None:
-    for cell in cells:
-        if (cell.target, cell.mode, cell.concurrency) == (target, mode, concurrency):
-            return cell
-    return None
-
-
-def print_table(cells: Sequence[Cell]) -> None:
-    print()
-    head = f"{'target':<8} {'mode':<6} {'conc':>4} {'requests':>8} {'errors':>6}"
-    print(f"{head} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for c in cells:
-        print(
-            f"{c.target:<8} {c.mode:<6} {c.concurrency:>4} {len(c.latencies):>8} {c.errors:>6} "
-            f"{c.rate:>8.0f} {c.ms(0.5):>8.2f} {c.ms(0.99):>8.2f}"
-        )
-    print()
-
-
-def print_overheads(cells: Sequence[Cell], low: int) -> None:
+def print_overheads(out: Outcome, low: int) -> None:
     print(f"overhead over direct at concurrency {low} (latency - direct latency):")
-    for target in ("gateway", "litellm"):
+    for target in (*out.gateways, "litellm"):
         parts = []
-        for mode in ("plain", "stream"):
-            proxy, direct = find(cells, target, mode, low), find(cells, "direct", mode, low)
-            if proxy and direct:
-                p50 = proxy.ms(0.5) - direct.ms(0.5)
-                p99 = proxy.ms(0.99) - direct.ms(0.99)
+        for mode in MODES:
+            p50, p99 = (overhead(out.cells, target, mode, low, q) for q in (0.5, 0.99))
+            if p50 is not None and p99 is not None:
                 parts.append(f"{mode} p50 {p50:+.2f} ms, p99 {p99:+.2f} ms")
-        print(f"  {target:<8} " + ("; ".join(parts) or "not measured"))
+        print(f"  {target:<10} " + ("; ".join(parts) or "not measured"))
 
 
-def print_ratios(cells: Sequence[Cell], high: int) -> None:
+def print_ratios(out: Outcome, high: int) -> None:
     print(f"throughput ratios at concurrency {high}:")
-    for other in ("litellm", "direct"):
-        parts = []
-        for mode in ("plain", "stream"):
-            gateway, base = find(cells, "gateway", mode, high), find(cells, other, mode, high)
-            if gateway and base and base.rate:
-                parts.append(f"{mode} {gateway.rate / base.rate:.2f}")
-        print(f"  gateway / {other:<8} " + (", ".join(parts) or "not measured"))
+    for name in out.gateways:
+        others = ["litellm", "direct"] + [g for g in out.gateways[:1] if g != name]
+        for other in others:
+            parts = []
+            for mode in MODES:
+                value = ratio(out.cells, name, other, mode, high, False)
+                if value is not None:
+                    parts.append(f"{mode} {value:.2f}")
+            print(f"  {name} / {other:<10} " + (", ".join(parts) or "not measured"))
 
 
-def print_report(args: argparse.Namespace, out: Outcome) -> None:
-    print_table(out.cells)
-    print_overheads(out.cells, min(args.concurrency))
-    print_ratios(out.cells, max(args.concurrency))
-    for name in ("gateway", "litellm"):
-        rss = out.rss.get(name)
-        start = out.startup_s.get(name)
-        memory = f"{rss / 2**20:.0f} MiB" if rss else "not measured"
+def print_memory(out: Outcome) -> None:
+    for name in (*out.gateways, "litellm"):
+        mem, start = out.memory.get(name), out.startup_s.get(name)
+        memory = "not measured"
+        if mem and mem.rss:
+            memory = f"RSS {mem.rss / MIB:.0f} MiB (PSS {mem.pss / MIB:.0f} MiB)"
+            memory += f" in {mem.processes} process" + ("es" if mem.processes > 1 else "")
         started = f"{start:.2f} s" if start is not None else "not measured"
-        print(f"{name:<8} RSS after load (with children) {memory}; start to 1st answer {started}")
+        print(f"{name:<10} after load: {memory}; start to 1st answer {started}")
+
+
+def print_limits(out: Outcome, concurrency: Sequence[int]) -> None:
+    if not find(out.cells, "limits on", "plain", concurrency[0]):
+        return
+    print("\nrate limits on vs off (gateway w1, plain; served at once, taking turns):")
+    print(f"{'conc':>6} {'off req/s':>10} {'on req/s':>9} {'on/off':>7}", end="")
+    print(f" {'off p50 ms':>11} {'on p50 ms':>10} {'on/off':>7}")
+    for conc in concurrency:
+        off, on = (find(out.cells, f"limits {x}", "plain", conc) for x in ("off", "on"))
+        if off and on and off.rate:
+            print(
+                f"{conc:>6} {off.rate:>10.0f} {on.rate:>9.0f} {on.rate / off.rate:>7.2f} "
+                f"{off.ms(0.5):>11.2f} {on.ms(0.5):>10.2f} {on.ms(0.5) / off.ms(0.5):>7.2f}"
+            )
+
+
+def print_summary(out: Outcome, low: int, high: int) -> None:
+    print()
+    print(f"summary: req/s at concurrency {high}; p50 overhead over direct at concurrency {low};")
+    print("         RSS of the whole process tree after load; spawn to first good answer")
+    print(
+        f"{'target':<10} {'plain req/s':>11} {'stream req/s':>12} {'plain +ms':>9} "
+        f"{'stream +ms':>10} {'RSS MiB':>7} {'start s':>7}"
+    )
+    for name in ("direct", *out.gateways, "litellm"):
+        rates = [cell.rate if (cell := find(out.cells, name, m, high)) else None for m in MODES]
+        extra = [
+            overhead(out.cells, name, m, low, 0.5) if name != "direct" else None for m in MODES
+        ]
+        mem, start = out.memory.get(name), out.startup_s.get(name)
+        print(
+            f"{name:<10} {text(rates[0], '.0f'):>11} {text(rates[1], '.0f'):>12} "
+            f"{text(extra[0], '+.2f'):>9} {text(extra[1], '+.2f'):>10} "
+            f"{text(mem.rss / MIB if mem else None, '.0f'):>7} {text(start, '.2f'):>7}"
+        )
+    parts = [
+        f"{label} x{conc} {value:.2f}"
+        for label, p50 in (("req/s", False), ("p50", True))
+        for conc in (low, high)
+        if (value := ratio(out.cells, "limits on", "limits off", "plain", conc, p50)) is not None
+    ]
+    if parts:
+        print("limits on/off (w1, plain): " + ", ".join(parts))
+
+
+def print_report(args: argparse.Namespace, out: Outcome, seconds: float) -> None:
+    low, high = min(args.concurrency), max(args.concurrency)
+    print_table(out.cells)
+    print_overheads(out, low)
+    print_ratios(out, high)
+    print_memory(out)
+    print_limits(out, args.concurrency)
+    print_summary(out, low, high)
     print()
     for note in out.notes:
         print(note)
+    print(f"run took {seconds:.0f} s; load average at the end {os.getloadavg()[0]:.2f} (1 min)")
     print("RESULT: " + ("ok" if not out.failures else "FAILED"))
     for failure in out.failures[:20]:
         print(f"  {failure}")
 
 
 async def run(args: argparse.Namespace) -> int:
-    litellm = None if args.skip_litellm else ensure_litellm()
+    started = time.monotonic()
+    litellm = None if args.skip_litellm else ensure_litellm(LITELLM_VENV)
     print_header(args, litellm[1] if litellm else None)
     out = Outcome()
     with tempfile.TemporaryDirectory(prefix="gwproxy-", ignore_cleanup_errors=True) as tmp:
@@ -375,15 +395,15 @@ async def run(args: argparse.Namespace) -> int:
         with spawned("fake upstream", argv, dict(os.environ), home / "fake.log") as child:
             await wait_port(port, child)
             direct = Endpoint("direct", fake + "/chat/completions", "sk-direct")
-            await load_target(direct, args, out)
-            await run_gateway(args, home, fake, out)
+            await load([direct], (False, True), args, out)
+            await run_gateways(args, home, fake, out)
             if litellm:
                 await run_litellm(args, home, fake, litellm[0], out)
-    print_report(args, out)
+    print_report(args, out, time.monotonic() - started)
     return 0 if not out.failures else 1
 
 
-def concurrency_list(text: str) -> list[int]:
+def positive_list(text: str) -> list[int]:
     values = [int(part) for part in text.split(",") if part.strip()]
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
@@ -395,11 +415,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         prog="python -m bench.proxy", description=(__doc__ or "").split("\n")[0]
     )
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
-    parser.add_argument("--concurrency", type=concurrency_list, default=[1, 64])
+    parser.add_argument("--concurrency", type=positive_list, default=[1, 64])
+    parser.add_argument("--rounds", type=int, default=3, help="parts of each cell, in turns")
+    parser.add_argument(
+        "--workers", type=positive_list, default=[1, 2], help="gateway worker counts"
+    )
+    parser.add_argument(
+        "--limits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also the gateway (one worker) with rate limits on vs off",
+    )
     parser.add_argument("--skip-litellm", action="store_true", help="no LiteLLM column")
     args = parser.parse_args(argv)
-    if args.duration <= 0:
-        parser.error("--duration must be positive")
+    if args.duration <= 0 or args.rounds < 1:
+        parser.error("--duration and --rounds must be positive")
     return args
 
 
