@@ -53,22 +53,25 @@ from typing import TypeAlias
 
 import asyncpg
 
-from bench._load import bench_database, postgres_server
+from bench._cli import new_parser, percentile, run_main
+from bench._seed import (
+    CHARGE_MICRO,
+    HOLD_MICRO,
+    PLAN,
+    TTL_S,
+    bench_database,
+    create_organizations,
+    create_raw_table,
+    seed_history,
+)
+from bench._servers import postgres_server
 from gateway.config import load_config
 from ledger import catalog_sync, migrations, reservations
-from ledger.accounts import create_organization
 from ledger.check import check_ledger
 from ledger.db import Conn
-from ledger.transactions import TransactionType, post
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD_MICRO = 50_000  # held by each pair
-CHARGE_MICRO = 20_000  # then charged; the rest goes back
-TOPUP_MICRO = 10**15  # per organization / row: no hold is ever refused
-TTL_S = 600
-HISTORY_PAIRS = 3  # settled per organization during set-up, before any measurement
 WARMUP_S = 0.5  # per measurement, untimed: prepares each connection's statements
-PLAN = "team"
 
 RAW_RESERVE = (
     "UPDATE bench_raw SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2"
@@ -186,11 +189,6 @@ async def drive(pool: Pool, pair: Pair, concurrency: int, more: Callable[[], boo
     return Sampled(time.perf_counter() - start, time.process_time() - cpu, samples)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 async def measure(
     pool: Pool, system: str, scenario: str, pair: Pair, concurrency: int, args: argparse.Namespace
 ) -> Result:
@@ -228,54 +226,6 @@ async def measure_all(url: str, targets: Targets, args: argparse.Namespace) -> l
                 print(f"  measured {system:<6} {scenario:<6} x{concurrency}: {result.rate:,.0f}/s")
                 results.append(result)
     return results
-
-
-async def create_raw_table(conn: asyncpg.Connection, rows: int) -> list[int]:
-    await conn.execute(
-        """CREATE TABLE bench_raw (
-               id       integer PRIMARY KEY,
-               balance  bigint NOT NULL,
-               reserved bigint NOT NULL DEFAULT 0 CHECK (reserved >= 0))"""
-    )
-    await conn.execute(
-        "INSERT INTO bench_raw (id, balance) SELECT g, $2 FROM generate_series(1, $1) g",
-        rows,
-        TOPUP_MICRO,
-    )
-    return list(range(1, rows + 1))
-
-
-async def create_organizations(conn: asyncpg.Connection, count: int) -> list[uuid.UUID]:
-    """`count` organizations on the plan, each topped up far beyond what the run spends."""
-    organizations = []
-    async with conn.transaction():
-        for n in range(count):
-            org = await create_organization(conn, f"bench {n}", PLAN)
-            await post(conn, org.id, TransactionType.TOPUP_PURCHASE, TOPUP_MICRO, f"bench-{n}")
-            organizations.append(org.id)
-    return organizations
-
-
-async def seed_history(conn: asyncpg.Connection, organizations: list[uuid.UUID]) -> None:
-    """Settled pairs for every organization before anything is measured (then ANALYZE), so
-    that plans are those of tables in use. A connection that first runs credit_reserve while
-    credit_reservations is nearly empty can cache a sequential scan for its idempotency lookup
-    and keep it, ever slower as the table grows, until something invalidates the plan; on a
-    server without autovacuum nothing may."""
-    await conn.execute(
-        """WITH holds AS MATERIALIZED (
-               SELECT o.org, r.reservation_id
-                 FROM unnest($1::uuid[]) AS o (org)
-                CROSS JOIN generate_series(1, $2) AS g (n)
-                CROSS JOIN LATERAL credit_reserve(o.org, 'history-' || g.n, $3, $3, $4) AS r)
-           SELECT count(*) FROM holds h
-            CROSS JOIN LATERAL credit_settle(h.org, h.reservation_id, $5) AS s""",
-        organizations,
-        HISTORY_PAIRS,
-        HOLD_MICRO,
-        TTL_S,
-        CHARGE_MICRO,
-    )
 
 
 async def prepare(url: str, spread: int) -> Targets:
@@ -380,9 +330,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ledger", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = new_parser("bench.ledger", __doc__)
     parser.add_argument("--concurrency", type=int, default=32, help="workers and pool size")
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--pairs", type=int, default=None, help="per measurement, not --seconds")
@@ -394,12 +342,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

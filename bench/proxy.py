@@ -50,7 +50,6 @@ dropped at the end, even on error.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import platform
@@ -59,46 +58,43 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import asyncpg
 
+from bench._cli import new_parser, positive_list, run_main
+from bench._litellm import ensure_litellm, litellm_config, litellm_env
 from bench._load import (
-    MODES,
-    Cell,
-    Child,
     Endpoint,
-    Memory,
-    bench_database,
-    ensure_litellm,
-    find,
     first_success,
-    free_port,
-    gateway_argv,
     gateway_check,
-    gateway_env,
-    litellm_config,
-    litellm_env,
     measure_in_turns,
-    overhead,
-    postgres_server,
+    print_cell,
+    take_limiter_log,
+)
+from bench._proxy_report import Outcome, print_report
+from bench._seed import (
+    bench_database,
+    create_organizations,
     postgres_settings,
     prepare_gateway,
-    print_cell,
-    print_table,
-    ratio,
+    seed_history,
+)
+from bench._servers import (
+    Child,
+    gateway_argv,
+    gateway_env,
+    postgres_server,
     redis_server,
     spawned,
-    take_limiter_log,
-    text,
     tree_memory,
     wait_listeners,
     wait_port,
     write_config,
 )
-from bench.ledger import create_organizations, seed_history
+from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 LITELLM_VENV = REPO / ".gateway" / "bench-litellm-venv"
@@ -109,8 +105,7 @@ START_TIMEOUT_S = 180.0
 PLAN = "team"
 CAPABILITY = "question_generation"  # the default capability, which every bench request uses
 HIGH_LIMIT = 10**9  # rpm and rpd with limits on: never reached
-MIB = 2**20
-HISTORY_ORGS = 300  # each with bench.ledger.HISTORY_PAIRS settled calls before the gateway
+HISTORY_ORGS = 300  # each with bench._seed.HISTORY_PAIRS settled calls before the gateway
 
 
 @dataclass(frozen=True)
@@ -130,16 +125,6 @@ class Services:
     fake: str
     postgres_url: str
     redis_url: str
-
-
-@dataclass
-class Outcome:
-    cells: list[Cell] = field(default_factory=list)
-    startup_s: dict[str, float] = field(default_factory=dict)
-    memory: dict[str, Memory] = field(default_factory=dict)
-    gateways: list[str] = field(default_factory=list)  # gateway wN, in the order measured
-    failures: list[str] = field(default_factory=list)  # the gateway's: the exit status
-    notes: list[str] = field(default_factory=list)
 
 
 async def load(
@@ -286,102 +271,6 @@ def print_header(args: argparse.Namespace, litellm: str | None) -> None:
     )
 
 
-def print_overheads(out: Outcome, low: int) -> None:
-    print(f"overhead over direct at concurrency {low} (latency - direct latency):")
-    for target in (*out.gateways, "litellm"):
-        parts = []
-        for mode in MODES:
-            p50, p99 = (overhead(out.cells, target, mode, low, q) for q in (0.5, 0.99))
-            if p50 is not None and p99 is not None:
-                parts.append(f"{mode} p50 {p50:+.2f} ms, p99 {p99:+.2f} ms")
-        print(f"  {target:<10} " + ("; ".join(parts) or "not measured"))
-
-
-def print_ratios(out: Outcome, high: int) -> None:
-    print(f"throughput ratios at concurrency {high}:")
-    for name in out.gateways:
-        others = ["litellm", "direct"] + [g for g in out.gateways[:1] if g != name]
-        for other in others:
-            parts = []
-            for mode in MODES:
-                value = ratio(out.cells, name, other, mode, high, False)
-                if value is not None:
-                    parts.append(f"{mode} {value:.2f}")
-            print(f"  {name} / {other:<10} " + (", ".join(parts) or "not measured"))
-
-
-def print_memory(out: Outcome) -> None:
-    for name in (*out.gateways, "litellm"):
-        mem, start = out.memory.get(name), out.startup_s.get(name)
-        memory = "not measured"
-        if mem and mem.rss:
-            memory = f"RSS {mem.rss / MIB:.0f} MiB (PSS {mem.pss / MIB:.0f} MiB)"
-            memory += f" in {mem.processes} process" + ("es" if mem.processes > 1 else "")
-        started = f"{start:.2f} s" if start is not None else "not measured"
-        print(f"{name:<10} after load: {memory}; start to 1st answer {started}")
-
-
-def print_limits(out: Outcome, concurrency: Sequence[int]) -> None:
-    if not find(out.cells, "limits on", "plain", concurrency[0]):
-        return
-    print("\nrate limits on vs off (gateway w1, plain; served at once, taking turns):")
-    print(f"{'conc':>6} {'off req/s':>10} {'on req/s':>9} {'on/off':>7}", end="")
-    print(f" {'off p50 ms':>11} {'on p50 ms':>10} {'on/off':>7}")
-    for conc in concurrency:
-        off, on = (find(out.cells, f"limits {x}", "plain", conc) for x in ("off", "on"))
-        if off and on and off.rate:
-            print(
-                f"{conc:>6} {off.rate:>10.0f} {on.rate:>9.0f} {on.rate / off.rate:>7.2f} "
-                f"{off.ms(0.5):>11.2f} {on.ms(0.5):>10.2f} {on.ms(0.5) / off.ms(0.5):>7.2f}"
-            )
-
-
-def print_summary(out: Outcome, low: int, high: int) -> None:
-    print()
-    print(f"summary: req/s at concurrency {high}; p50 overhead over direct at concurrency {low};")
-    print("         RSS of the whole process tree after load; spawn to first good answer")
-    print(
-        f"{'target':<10} {'plain req/s':>11} {'stream req/s':>12} {'plain +ms':>9} "
-        f"{'stream +ms':>10} {'RSS MiB':>7} {'start s':>7}"
-    )
-    for name in ("direct", *out.gateways, "litellm"):
-        rates = [cell.rate if (cell := find(out.cells, name, m, high)) else None for m in MODES]
-        extra = [
-            overhead(out.cells, name, m, low, 0.5) if name != "direct" else None for m in MODES
-        ]
-        mem, start = out.memory.get(name), out.startup_s.get(name)
-        print(
-            f"{name:<10} {text(rates[0], '.0f'):>11} {text(rates[1], '.0f'):>12} "
-            f"{text(extra[0], '+.2f'):>9} {text(extra[1], '+.2f'):>10} "
-            f"{text(mem.rss / MIB if mem else None, '.0f'):>7} {text(start, '.2f'):>7}"
-        )
-    parts = [
-        f"{label} x{conc} {value:.2f}"
-        for label, p50 in (("req/s", False), ("p50", True))
-        for conc in (low, high)
-        if (value := ratio(out.cells, "limits on", "limits off", "plain", conc, p50)) is not None
-    ]
-    if parts:
-        print("limits on/off (w1, plain): " + ", ".join(parts))
-
-
-def print_report(args: argparse.Namespace, out: Outcome, seconds: float) -> None:
-    low, high = min(args.concurrency), max(args.concurrency)
-    print_table(out.cells)
-    print_overheads(out, low)
-    print_ratios(out, high)
-    print_memory(out)
-    print_limits(out, args.concurrency)
-    print_summary(out, low, high)
-    print()
-    for note in out.notes:
-        print(note)
-    print(f"run took {seconds:.0f} s; load average at the end {os.getloadavg()[0]:.2f} (1 min)")
-    print("RESULT: " + ("ok" if not out.failures else "FAILED"))
-    for failure in out.failures[:20]:
-        print(f"  {failure}")
-
-
 async def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     litellm = None if args.skip_litellm else ensure_litellm(LITELLM_VENV)
@@ -391,7 +280,7 @@ async def run(args: argparse.Namespace) -> int:
         home = Path(tmp)
         port = free_port()
         fake = f"http://127.0.0.1:{port}/v1"
-        argv = [sys.executable, "-m", "bench._load", str(port)]
+        argv = [sys.executable, "-m", "bench._fake", str(port)]
         with spawned("fake upstream", argv, dict(os.environ), home / "fake.log") as child:
             await wait_port(port, child)
             direct = Endpoint("direct", fake + "/chat/completions", "sk-direct")
@@ -403,17 +292,8 @@ async def run(args: argparse.Namespace) -> int:
     return 0 if not out.failures else 1
 
 
-def positive_list(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return list(dict.fromkeys(values))
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.proxy", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = new_parser("bench.proxy", __doc__)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     parser.add_argument("--concurrency", type=positive_list, default=[1, 64])
     parser.add_argument("--rounds", type=int, default=3, help="parts of each cell, in turns")
@@ -434,12 +314,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -36,37 +36,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import importlib.metadata
 import os
 import platform
 import random
 import secrets
 import sys
-import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import redis
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
+from bench._cli import new_parser, percentile, positive_list, run_main
+from bench._servers import delete_prefix, redis_client, redis_url
 from gateway.config import load_config
-from gateway.embedded import EmbeddedRedis
 from policies.rate_limit import SlidingWindowLimiter, keys
-from tests.support import redis_reachable
 
 REPO = Path(__file__).resolve().parent.parent
 LIMIT = 10**9  # rpm and rpd: never reached, so every call runs the whole script
 CAPABILITY = "question_generation"
 WARMUP_S = 0.5  # before a measurement's first round, untimed
 ROUND_WARMUP_S = 0.1  # before each later round
-SCAN_COUNT = 1000
 
 # One call against Redis; the random generator picks the organization where there is a choice.
 Op = Callable[[random.Random], Awaitable[None]]
@@ -98,11 +92,6 @@ class Result:
     @property
     def rate(self) -> float:
         return self.calls / self.seconds
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # --- the calls ----------------------------------------------------------------------------
@@ -206,55 +195,7 @@ async def measure_all(scenarios: Sequence[Scenario], args: argparse.Namespace) -
     return results
 
 
-# --- Redis --------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def redis_url() -> Iterator[tuple[str, str]]:
-    """REDIS_URL and where it is when reachable, else an embedded Redis in a temp directory."""
-    url = os.environ.get("REDIS_URL", "")
-    if url and redis_reachable(url):
-        parts = urlsplit(url)
-        yield url, f"REDIS_URL ({parts.hostname or 'socket'}:{parts.port or 6379})"
-        return
-    if url:
-        print("REDIS_URL is set but not reachable: starting an embedded Redis")
-    with tempfile.TemporaryDirectory(prefix="gwrl-", ignore_cleanup_errors=True) as home:
-        server = EmbeddedRedis(Path(home) / "redis").start()
-        try:
-            yield server.url, "embedded Redis"
-        finally:
-            server.stop()
-
-
-@contextlib.asynccontextmanager
-async def redis_client(url: str, timeout_s: float) -> AsyncIterator[Redis]:
-    """A client set up as the gateway's (gateway.resources.redis_client)."""
-    client: Redis = Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        health_check_interval=30,
-        retry=Retry(NoBackoff(), 1),
-    )
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-async def delete_prefix(client: Redis, prefix: str) -> int:
-    """Delete every key under `prefix`; how many there were."""
-    deleted = 0
-    batch: list[bytes] = []
-    async for key in client.scan_iter(match=f"{prefix}*", count=SCAN_COUNT):
-        batch.append(key)
-        if len(batch) >= SCAN_COUNT:
-            deleted += await client.unlink(*batch)
-            batch.clear()
-    if batch:
-        deleted += await client.unlink(*batch)
-    return deleted
+# --- the check ----------------------------------------------------------------------------
 
 
 async def logged_entries(client: Redis, prefix: str, organizations: Sequence[uuid.UUID]) -> int:
@@ -368,17 +309,8 @@ async def run(args: argparse.Namespace) -> int:
     return 0 if not problems else 1
 
 
-def positive_list(text: str) -> list[int]:
-    values = [int(part) for part in text.split(",") if part.strip()]
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
-    return list(dict.fromkeys(values))
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ratelimit", description=(__doc__ or "").split("\n")[0]
-    )
+    parser = new_parser("bench.ratelimit", __doc__)
     parser.add_argument("--concurrency", type=positive_list, default=[1, 32])
     parser.add_argument("--seconds", type=float, default=3.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="parts of each, in turns")
@@ -402,11 +334,7 @@ def event_loop() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.loop = event_loop()
-    try:
-        return asyncio.run(run(args))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_main(run, args)
 
 
 if __name__ == "__main__":
