@@ -4,6 +4,7 @@ settled at the end whatever happens (upstream break, client gone, cancellation).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,6 +19,8 @@ from gateway.upstream import sse
 from gateway.upstream.base import Completion, UpstreamError, UpstreamProtocolError, Usage
 from policies import tokens
 from policies.pricing import credits_number
+
+log = logging.getLogger(__name__)
 
 DRAIN_AFTER_DISCONNECT_S = 10.0  # how long to keep reading for usage once the client is gone
 
@@ -102,9 +105,19 @@ async def stream(
         await relay.run(first, chunks)
     finally:
         call.upstream_s += time.perf_counter() - started
-        await asyncio.shield(chunks.aclose())  # type: ignore[attr-defined]
-        await asyncio.shield(finish(request, services, call, attempt, relay))
+        try:
+            await asyncio.shield(_close(chunks))
+        finally:  # the call is settled whatever closing the upstream did
+            await asyncio.shield(finish(request, services, call, attempt, relay))
     return response
+
+
+async def _close(chunks: Chunks) -> None:
+    """Close the upstream stream; a stream that fails to close has nothing left to bill."""
+    try:
+        await chunks.aclose()  # type: ignore[attr-defined]
+    except (RuntimeError, UpstreamError, OSError) as exc:  # RuntimeError: still running
+        log.warning("upstream stream did not close cleanly: %s", type(exc).__name__)
 
 
 def _wants_usage(body: dict[str, Any]) -> bool:
