@@ -142,13 +142,7 @@ def resolve_route(
 
 
 def rate_for(services: Services, model: str, quality: str) -> Rate:
-    spec = services.config.models[model]
-    return Rate(
-        input_usd_per_mtok=spec.input_usd_per_mtok,
-        output_usd_per_mtok=spec.output_usd_per_mtok,
-        per_usd=services.config.credits.per_usd,
-        multiplier=services.config.quality_levels[quality].credit_multiplier,
-    )
+    return services.rates[(model, quality)]
 
 
 def _output_cap(

@@ -25,6 +25,7 @@ from gateway.upstream.base import Target, UpstreamClient
 from gateway.upstream.openai import OpenAIClient
 from gateway.upstream.translated import TranslatedClient
 from policies.catalog import ProviderKind
+from policies.pricing import Rate
 from policies.rate_limit import SlidingWindowLimiter
 
 CONFIG = web.AppKey("config", Config)
@@ -132,6 +133,20 @@ def _targets(config: Config, bases: dict[str, str], sandbox: bool) -> dict[str, 
     return targets
 
 
+def rates(config: Config) -> dict[tuple[str, str], Rate]:
+    """Every model's price at every quality level, worked out once rather than per call."""
+    return {
+        (name, quality): Rate(
+            input_usd_per_mtok=model.input_usd_per_mtok,
+            output_usd_per_mtok=model.output_usd_per_mtok,
+            per_usd=config.credits.per_usd,
+            multiplier=level.credit_multiplier,
+        )
+        for name, model in config.models.items()
+        for quality, level in config.quality_levels.items()
+    }
+
+
 async def services(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     timeouts = {
@@ -150,6 +165,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         keys=KeyCache(),
         clients=clients,
         targets=_targets(config, app[PROVIDER_BASES], app[SANDBOX]),
+        rates=rates(config),
         limiter=RateLimiter(
             SlidingWindowLimiter(app[REDIS], prefix=config.rate_limits.key_prefix),
             config,

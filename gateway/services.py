@@ -15,6 +15,7 @@ from gateway.notifications import Notifier
 from gateway.ratelimit import RateLimiter
 from gateway.upstream.base import Target, UpstreamClient
 from policies.catalog import ProviderKind
+from policies.pricing import Rate
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class Services:
     keys: KeyCache
     clients: Mapping[ProviderKind, UpstreamClient]
     targets: Mapping[str, Target]  # catalog model name -> where to call it
+    rates: Mapping[tuple[str, str], Rate]  # (model, quality) -> what a token costs
     limiter: RateLimiter
     notifier: Notifier
     metrics: Metrics

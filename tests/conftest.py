@@ -82,6 +82,16 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
         await client.aclose()
 
 
+@pytest.fixture(scope="module")
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """A client of the test Redis."""
+    client: Redis = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
 @pytest.fixture(scope="session")
 def test_config(config: Config, redis_prefix: str) -> Config:
     """The default config with this run's Redis key prefix."""

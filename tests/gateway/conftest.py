@@ -95,18 +95,19 @@ async def gateway(
         await server.close()
 
 
+def sandbox_app(config: Config, database_url: str, redis_url: str) -> web.Application:
+    """The real app in sandbox mode: the product's own simulator behind every provider."""
+    return create_app(
+        config, database_url=database_url, redis_url=redis_url, admin_key=ADMIN_KEY, sandbox=True
+    )
+
+
 @pytest.fixture(scope="module")
 async def sandbox_gateway(
     database_url: str, redis_url: str, test_config: Config, pool: asyncpg.Pool
 ) -> AsyncIterator[Gateway]:
     """The gateway in sandbox mode: the product's own simulator behind every provider."""
-    app = create_app(
-        test_config,
-        database_url=database_url,
-        redis_url=redis_url,
-        admin_key=ADMIN_KEY,
-        sandbox=True,
-    )
+    app = sandbox_app(test_config, database_url, redis_url)
     server = await start(app)
     try:
         yield Gateway(str(server.make_url("")).rstrip("/"), app)

@@ -21,14 +21,13 @@ from hypothesis import event as label
 from hypothesis import strategies as st
 
 from gateway import billing
-from gateway.app import create_app
 from gateway.config import Config
 from gateway.errors import PaymentsUnavailable
 from ledger import balances, reservations, transactions
 from ledger.payments import refunded_share_micro
 from ledger.transactions import Transaction, TransactionType
 from tests.fakes.stripe_api import FakeStripe, body, create_fake_stripe_app, event, signed
-from tests.gateway.conftest import ADMIN_KEY, Org, new_org, start
+from tests.gateway.conftest import Org, new_org, sandbox_app, start
 from tests.openapi import validate
 
 SECRET_KEY = "sk_test_gateway"
@@ -104,13 +103,7 @@ async def rig(
     fake_stripe: tuple[str, FakeStripe],
 ) -> AsyncIterator[Rig]:
     """The gateway (sandbox providers) with the Stripe settings in its environment at start."""
-    app = create_app(
-        test_config,
-        database_url=database_url,
-        redis_url=redis_url,
-        admin_key=ADMIN_KEY,
-        sandbox=True,
-    )
+    app = sandbox_app(test_config, database_url, redis_url)
     with pytest.MonkeyPatch.context() as env:
         env.setenv("STRIPE_SECRET_KEY", SECRET_KEY)
         env.setenv("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)

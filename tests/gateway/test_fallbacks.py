@@ -14,20 +14,19 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletion, ChatCompletionMessageParam
 
-from gateway.app import create_app
 from gateway.config import Config
 from gateway.resources import METRICS
 from ledger import balances
 from ledger.balances import Balance
 from policies.pricing import Rate, charge_micro, credits_text
 from tests.gateway.conftest import (
-    ADMIN_KEY,
     Gateway,
     Org,
     consumption,
     drain_to,
     new_org,
     reservation_rows,
+    sandbox_app,
     start,
 )
 from tests.openapi import validate
@@ -47,9 +46,7 @@ async def short_timeout_gateway(
     """The sandbox gateway with a 0.5 s upstream timeout, for the timeout fault."""
     server_config = test_config.server.model_copy(update={"upstream_timeout_s": 0.5})
     short = test_config.model_copy(update={"server": server_config})
-    app = create_app(
-        short, database_url=database_url, redis_url=redis_url, admin_key=ADMIN_KEY, sandbox=True
-    )
+    app = sandbox_app(short, database_url, redis_url)
     server = await start(app)
     try:
         yield Gateway(str(server.make_url("")).rstrip("/"), server.app)

@@ -81,15 +81,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 @pytest.fixture(scope="module")
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client: Redis = Redis.from_url(redis_url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture(scope="module")
 def upstream_config(test_config: Config, upstream: gw.Upstream) -> Config:
     return gw.pointed_at(test_config, upstream)
 

@@ -16,7 +16,6 @@ import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
-from gateway.app import create_app
 from gateway.config import Config
 from gateway.resources import METRICS
 from ledger import balances, reservations
@@ -24,7 +23,6 @@ from ledger.transactions import Transaction
 from policies.pricing import Rate, affordable_output_tokens, charge_micro, credits_text
 from policies.tokens import count_chat_prompt_tokens, count_text_tokens
 from tests.gateway.conftest import (
-    ADMIN_KEY,
     Gateway,
     Org,
     Upstream,
@@ -32,6 +30,7 @@ from tests.gateway.conftest import (
     drain_to,
     new_org,
     reservation_rows,
+    sandbox_app,
 )
 
 PER_USD, FAST = Decimal(100), Decimal("1.0")
@@ -50,13 +49,7 @@ async def uncancelled_gateway(
 ) -> AsyncIterator[Gateway]:
     """The sandbox gateway served as `llm-gateway serve` serves it (web.run_app): a client
     that leaves does not cancel its handler. (aiohttp's TestServer cancels it.)"""
-    app = create_app(
-        test_config,
-        database_url=database_url,
-        redis_url=redis_url,
-        admin_key=ADMIN_KEY,
-        sandbox=True,
-    )
+    app = sandbox_app(test_config, database_url, redis_url)
     runner = web.AppRunner(app, handler_cancellation=False, shutdown_timeout=1.0)
     await runner.setup()
     try:
