@@ -9,6 +9,11 @@ settlement after it.
 * ledger: ``ledger.reservations.reserve`` then ``ledger.reservations.settle``, each one call
   of a PL/pgSQL function (credit_reserve, credit_settle) that locks the balance row, writes
   the reservation and, on settlement, the consumption entry.
+* grouped: the same pair through ``ledger.group.GroupCommit``, as the gateway runs it: the
+  holds (and settlements) of concurrent workers go to PostgreSQL together, one statement and
+  one commit per batch (credit_reserve_batch, credit_settle_batch), on a pool of its own
+  (``2 * max_inflight`` connections, set up as the gateway's: no reset query on checkout).
+  Sequentially it is the ledger pair with a batch of one.
 
 Each is measured on one hot row / organization (every worker contends for one row lock) and
 spread over ``--spread`` rows / organizations (1,000 by default; little contention), first
@@ -19,7 +24,7 @@ in one process, against one freshly created database on one server. Before the f
 organization gets a few settled pairs and the database is analyzed, so that the plans are
 those of tables in use rather than of empty ones.
 
-Reading the table: ``pairs/s`` is completed pairs over wall time; ``ledger/raw`` divides the
+Reading the table: ``pairs/s`` is completed pairs over wall time; ``vs raw`` divides the
 ledger's rate by the raw rate of the same scenario and concurrency, so 1.00 would mean the
 ledger costs no more than two bare UPDATEs, and 0.25 that it sustains a quarter of their rate.
 On the hot row both are bounded by how long each statement holds the row lock (until its
@@ -68,10 +73,12 @@ from bench._servers import postgres_server
 from gateway.config import load_config
 from ledger import catalog_sync, migrations, reservations
 from ledger.check import check_ledger
-from ledger.db import Conn
+from ledger.db import Conn, keep_session
+from ledger.group import GroupCommit
 
 REPO = Path(__file__).resolve().parent.parent
 WARMUP_S = 0.5  # per measurement, untimed: prepares each connection's statements
+GROUP_IN_FLIGHT = 2  # batches of each kind at once, as the gateway's default
 
 RAW_RESERVE = (
     "UPDATE bench_raw SET reserved = reserved + $2 WHERE id = $1 AND balance - reserved >= $2"
@@ -102,7 +109,7 @@ class Sampled:
 
 @dataclass(frozen=True)
 class Result:
-    system: str  # raw | ledger
+    system: str  # raw | ledger | grouped
     scenario: str  # hot | spread
     concurrency: int
     pairs: int
@@ -146,6 +153,24 @@ def ledger_pair(organizations: Sequence[uuid.UUID]) -> Pair:
         )
         first = time.perf_counter() - start
         settled = await reservations.settle(conn, org, hold.id, CHARGE_MICRO)
+        if hold.replayed or not settled.applied:
+            raise BenchError(f"reservation {hold.id} was replayed or settled before")
+        return first
+
+    return pair
+
+
+def grouped_pair(organizations: Sequence[uuid.UUID], group: GroupCommit) -> Pair:
+    async def pair(_: Conn, rng: random.Random) -> float:
+        org = organizations[rng.randrange(len(organizations))]
+        start = time.perf_counter()
+        hold = await group.reserve(
+            reservations.HoldRequest(
+                org, f"bench-{uuid.uuid4().hex}", HOLD_MICRO, HOLD_MICRO, TTL_S
+            )
+        )
+        first = time.perf_counter() - start
+        settled = await group.settle(reservations.SettleRequest(org, hold.id, CHARGE_MICRO))
         if hold.replayed or not settled.applied:
             raise BenchError(f"reservation {hold.id} was replayed or settled before")
         return first
@@ -211,20 +236,34 @@ async def measure(
 
 
 async def measure_all(url: str, targets: Targets, args: argparse.Namespace) -> list[Result]:
-    """Every scenario at the chosen concurrency, then sequentially; raw and ledger alternate."""
-    scenarios = [
-        ("raw", "hot", raw_pair(targets.raw_ids[:1])),
-        ("ledger", "hot", ledger_pair(targets.organizations[:1])),
-        ("raw", "spread", raw_pair(targets.raw_ids)),
-        ("ledger", "spread", ledger_pair(targets.organizations)),
-    ]
+    """Every scenario at the chosen concurrency, then sequentially; the systems alternate."""
     results = []
     for concurrency in dict.fromkeys([args.concurrency, 1]):
-        async with asyncpg.create_pool(url, min_size=concurrency, max_size=concurrency) as pool:
+        async with (
+            asyncpg.create_pool(url, min_size=concurrency, max_size=concurrency) as pool,
+            asyncpg.create_pool(
+                url, min_size=1, max_size=2 * GROUP_IN_FLIGHT, reset=keep_session
+            ) as group_pool,
+        ):
+            group = GroupCommit(group_pool, max_inflight=GROUP_IN_FLIGHT)
+            hot, spread = targets.organizations[:1], targets.organizations
+            scenarios = [
+                ("raw", "hot", raw_pair(targets.raw_ids[:1])),
+                ("ledger", "hot", ledger_pair(hot)),
+                ("grouped", "hot", grouped_pair(hot, group)),
+                ("raw", "spread", raw_pair(targets.raw_ids)),
+                ("ledger", "spread", ledger_pair(spread)),
+                ("grouped", "spread", grouped_pair(spread, group)),
+            ]
             for system, scenario, pair in scenarios:
                 result = await measure(pool, system, scenario, pair, concurrency, args)
-                print(f"  measured {system:<6} {scenario:<6} x{concurrency}: {result.rate:,.0f}/s")
+                print(f"  measured {system:<7} {scenario:<6} x{concurrency}: {result.rate:,.0f}/s")
                 results.append(result)
+            batches = ", ".join(
+                f"{kind} {items / max(sent, 1):.1f}"
+                for kind, (sent, items) in group.stats().items()
+            )
+            print(f"  grouped x{concurrency}: operations per batch on average: {batches}")
     return results
 
 
@@ -275,11 +314,11 @@ def print_table(results: Sequence[Result]) -> None:
     raw = {(r.scenario, r.concurrency): r.rate for r in results if r.system == "raw"}
     print()
     print(
-        f"{'scenario':<16} {'conc':>4} {'pairs':>7} {'pairs/s':>9} {'ledger/raw':>10} "
+        f"{'scenario':<16} {'conc':>4} {'pairs':>7} {'pairs/s':>9} {'vs raw':>10} "
         f"{'p50 ms':>7} {'p99 ms':>7} {'1st p50':>8} {'2nd p50':>8} {'client us':>9}"
     )
     for r in results:
-        ratio = f"{r.rate / raw[(r.scenario, r.concurrency)]:.2f}" if r.system == "ledger" else ""
+        ratio = f"{r.rate / raw[(r.scenario, r.concurrency)]:.2f}" if r.system != "raw" else ""
         print(
             f"{r.system + ' ' + r.scenario:<16} {r.concurrency:>4} {r.pairs:>7} {r.rate:>9,.0f} "
             f"{ratio:>10} {r.p50_ms:>7.2f} {r.p99_ms:>7.2f} "

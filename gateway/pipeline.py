@@ -20,7 +20,13 @@ from gateway.errors import InvalidRequest
 from gateway.services import Services
 from gateway.upstream.base import Target, Usage
 from ledger import reservations
-from ledger.reservations import ChargeSnapshot, Reservation, Settlement
+from ledger.reservations import (
+    ChargeSnapshot,
+    HoldRequest,
+    Reservation,
+    Settlement,
+    SettleRequest,
+)
 from policies import access, tokens
 from policies.catalog import ModelMode, credits_to_micro
 from policies.pricing import Rate, affordable_output_tokens, charge_micro
@@ -216,23 +222,24 @@ async def reserve(
 ) -> Reservation:
     """The hold for one call, keyed by its request id (all its attempts share it)."""
     minimum, requested = bounds
-    return await reservations.reserve(
-        services.pool,
-        principal.organization_id,
-        request_id,
-        minimum_micro=minimum,
-        requested_micro=requested,
-        ttl_s=services.config.credits.reservation_ttl_s,
-        capability=route.capability,
-        quality=route.quality,
-        model=route.models[0],
-        request_id=request_id,
+    return await services.ledger.reserve(
+        HoldRequest(
+            principal.organization_id,
+            request_id,
+            minimum_micro=minimum,
+            requested_micro=requested,
+            ttl_s=services.config.credits.reservation_ttl_s,
+            capability=route.capability,
+            quality=route.quality,
+            model=route.models[0],
+            request_id=request_id,
+        )
     )
 
 
 async def settle(services: Services, call: Call, attempt: Attempt, usage: Usage) -> Settlement:
     """Charge the call from the usage reported (or counted), with the answering model's
-    prices; shielded so a cancelled handler still settles."""
+    prices; a cancelled handler still settles (the batch goes ahead without it)."""
     estimate = services.config.capabilities[call.route.capability].estimated_credits.get(
         call.route.quality
     )
@@ -248,10 +255,8 @@ async def settle(services: Services, call: Call, attempt: Attempt, usage: Usage)
         estimated_micro=None if estimate is None else credits_to_micro(estimate),
     )
     charge = charge_micro(attempt.rate, usage.prompt_tokens, usage.completion_tokens)
-    return await asyncio.shield(
-        reservations.settle(
-            services.pool, call.principal.organization_id, call.reservation.id, charge, snapshot
-        )
+    return await services.ledger.settle(
+        SettleRequest(call.principal.organization_id, call.reservation.id, charge, snapshot)
     )
 
 

@@ -115,9 +115,8 @@ async def _complete(services: Services, call: Call) -> web.Response:
     headers["X-Credits-Used"] = credits_text(settlement.charged_micro or 0)
     headers["X-Balance-Remaining"] = credits_text(settlement.available_micro)
     outcomes.observe(services, call, attempt, "200")
-    return web.Response(
-        body=json.dumps(completion.body).encode(), headers=headers, content_type="application/json"
-    )
+    body = completion.raw if completion.raw is not None else json.dumps(completion.body).encode()
+    return web.Response(body=body, headers=headers, content_type="application/json")
 
 
 async def forward(services: Services, call: Call) -> tuple[Completion, Attempt]:

@@ -24,6 +24,8 @@ from gateway.services import Services
 from gateway.upstream.base import Target, UpstreamClient
 from gateway.upstream.openai import OpenAIClient
 from gateway.upstream.translated import TranslatedClient
+from ledger.db import keep_session
+from ledger.group import GroupCommit
 from policies.catalog import ProviderKind
 from policies.pricing import Rate
 from policies.rate_limit import SlidingWindowLimiter
@@ -43,19 +45,13 @@ SERVICES = web.AppKey("services", Services)
 UPSTREAM_READ_BUFSIZE = 1 << 20  # SSE lines (a large tool call) may be long
 
 
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """Pool connections never change session state (every ledger step is one statement;
-    advisory locks and SET live on dedicated connections), so the default reset query,
-    one more round trip per checkout, is skipped. An open transaction is still rolled back."""
-
-
 async def postgres_pool(app: web.Application) -> AsyncIterator[None]:
     server = app[CONFIG].server
     pool = await asyncpg.create_pool(
         app[DATABASE_URL],
         min_size=server.db_pool_min,
         max_size=server.db_pool_max,
-        reset=_keep_session,
+        reset=keep_session,
     )
     app[DB_POOL] = pool
     yield
@@ -159,9 +155,15 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         ProviderKind.ANTHROPIC: translated,
         ProviderKind.GEMINI: translated,
     }
+    ledger = GroupCommit(
+        app[DB_POOL],
+        max_batch=config.server.ledger_batch_max,
+        max_inflight=config.server.ledger_batches_in_flight,
+    )
     app[SERVICES] = Services(
         config=config,
         pool=app[DB_POOL],
+        ledger=ledger,
         keys=KeyCache(),
         clients=clients,
         targets=_targets(config, app[PROVIDER_BASES], app[SANDBOX]),
@@ -178,3 +180,4 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         stripe=stripe_api(app[HTTP_SESSION]),
     )
     yield
+    await ledger.drain()  # the last settlements, before the pool closes

@@ -14,6 +14,7 @@ from gateway.metrics import Metrics
 from gateway.notifications import Notifier
 from gateway.ratelimit import RateLimiter
 from gateway.upstream.base import Target, UpstreamClient
+from ledger.group import GroupCommit
 from policies.catalog import ProviderKind
 from policies.pricing import Rate
 
@@ -22,6 +23,7 @@ from policies.pricing import Rate
 class Services:
     config: Config
     pool: asyncpg.Pool
+    ledger: GroupCommit  # holds and settlements, batched
     keys: KeyCache
     clients: Mapping[ProviderKind, UpstreamClient]
     targets: Mapping[str, Target]  # catalog model name -> where to call it

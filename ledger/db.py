@@ -56,6 +56,13 @@ def translated() -> Any:
         raise LedgerUnavailable(type(exc).__name__) from exc
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """A pool's `reset`: pool connections never change session state (every ledger step is
+    one statement; advisory locks and SET live on dedicated connections), so asyncpg's
+    default reset query, one more round trip per checkout, is skipped. An open transaction
+    is still rolled back."""
+
+
 async def fetchrow(conn: Conn, query: str, *args: Any) -> Any:
     with translated():
         return await conn.fetchrow(query, *args)
@@ -77,4 +84,4 @@ async def connect(dsn: str) -> AsyncIterator[asyncpg.Connection]:
         await conn.close()
 
 
-__all__ = ["Conn", "LedgerError", "connect", "fetch", "fetchrow", "translated"]
+__all__ = ["Conn", "LedgerError", "connect", "fetch", "fetchrow", "keep_session", "translated"]

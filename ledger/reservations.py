@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from ledger.db import Conn, fetch, fetchrow
-from ledger.errors import InsufficientCredits
+from ledger.errors import SQLSTATE_ERRORS, InsufficientCredits, LedgerError
+
+_T = TypeVar("_T")
 
 
 class ReservationStatus(StrEnum):
@@ -82,6 +85,86 @@ class PendingReservation:
     expires_at: datetime
 
 
+@dataclass(frozen=True)
+class HoldRequest:
+    """One hold to take (the arguments of `reserve`), for `reserve_batch`."""
+
+    organization_id: uuid.UUID
+    key: str
+    minimum_micro: int
+    requested_micro: int
+    ttl_s: int
+    capability: str | None = None
+    quality: str | None = None
+    model: str | None = None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class SettleRequest:
+    """One settlement (the arguments of `settle`), for `settle_batch`."""
+
+    organization_id: uuid.UUID
+    reservation_id: uuid.UUID
+    charge_micro: int
+    snapshot: ChargeSnapshot | None = None
+
+
+async def reserve_batch(
+    conn: Conn, requests: Sequence[HoldRequest]
+) -> list[Reservation | LedgerError]:
+    """Take many holds in one statement and one commit (sql/0007_credit_batches.up.sql),
+    in order; each one's outcome is what `reserve` would return or raise for it alone."""
+    rows = await fetch(
+        conn,
+        "SELECT * FROM credit_reserve_batch($1, $2, $3, $4, $5, $6, $7, $8, $9) ORDER BY ord",
+        [r.organization_id for r in requests],
+        [r.key for r in requests],
+        [r.minimum_micro for r in requests],
+        [r.requested_micro for r in requests],
+        [r.ttl_s for r in requests],
+        [r.capability for r in requests],
+        [r.quality for r in requests],
+        [r.model for r in requests],
+        [r.request_id for r in requests],
+    )
+    return [_reservation(request, row) for request, row in zip(requests, rows, strict=True)]
+
+
+async def settle_batch(
+    conn: Conn, requests: Sequence[SettleRequest]
+) -> list[Settlement | LedgerError]:
+    """Settle many holds in one statement and one commit, in order; each one's outcome is
+    what `settle` would return or raise for it alone."""
+    snapshots = [r.snapshot or ChargeSnapshot(model="") for r in requests]
+    rows = await fetch(
+        conn,
+        """SELECT * FROM credit_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                                             $13) ORDER BY ord""",
+        [r.organization_id for r in requests],
+        [r.reservation_id for r in requests],
+        [r.charge_micro for r in requests],
+        [s.model or None for s in snapshots],
+        [s.provider for s in snapshots],
+        [s.input_usd_per_mtok for s in snapshots],
+        [s.output_usd_per_mtok for s in snapshots],
+        [s.credit_multiplier for s in snapshots],
+        [s.credits_per_usd for s in snapshots],
+        [s.prompt_tokens for s in snapshots],
+        [s.completion_tokens for s in snapshots],
+        [s.estimated_micro for s in snapshots],
+        [None if s.metadata is None else json.dumps(s.metadata) for s in snapshots],
+    )
+    return [_settlement(row) for row in rows]
+
+
+def _item_error(row: Any) -> LedgerError | None:
+    code = row.get("error_code")  # the single operations raise theirs instead
+    if code is None:
+        return None
+    return SQLSTATE_ERRORS.get(code, LedgerError)(row["error_message"])
+
+
 async def reserve(
     conn: Conn,
     organization_id: uuid.UUID,
@@ -113,12 +196,25 @@ async def reserve(
         model,
         request_id,
     )
+    return _outcome(_reservation(HoldRequest(organization_id, key, minimum_micro, 0, 0), row))
+
+
+def _outcome(result: _T | LedgerError) -> _T:
+    if isinstance(result, LedgerError):
+        raise result
+    return result
+
+
+def _reservation(request: HoldRequest, row: Any) -> Reservation | LedgerError:
+    error = _item_error(row)
+    if error is not None:
+        return error
     status = ReservationStatus(row["status"])
     if status is ReservationStatus.REJECTED:
-        raise InsufficientCredits(minimum_micro, row["spendable_micro"])
+        return InsufficientCredits(request.minimum_micro, row["spendable_micro"])
     return Reservation(
         id=row["reservation_id"],
-        organization_id=organization_id,
+        organization_id=request.organization_id,
         status=status,
         amount_micro=row["amount_micro"],
         spendable_micro=row["spendable_micro"],
@@ -153,6 +249,13 @@ async def settle(
         s.estimated_micro,
         None if s.metadata is None else json.dumps(s.metadata),
     )
+    return _outcome(_settlement(row))
+
+
+def _settlement(row: Any) -> Settlement | LedgerError:
+    error = _item_error(row)
+    if error is not None:
+        return error
     return Settlement(
         status=ReservationStatus(row["status"]),
         applied=row["applied"],

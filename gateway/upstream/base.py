@@ -40,6 +40,7 @@ class Completion:
 
     body: dict[str, Any]
     usage: Usage
+    raw: bytes | None = None  # the upstream's own bytes, when `body` is exactly what they say
 
 
 class UpstreamError(Exception):

@@ -71,7 +71,8 @@ class OpenAIClient:
         try:
             async with self._post(target, path, body, headers) as resp:
                 await _check(resp)
-                data = _loads(await resp.read())
+                raw = await resp.read()
+                data = _loads(raw)
         except TimeoutError:  # before ClientConnectionError: aiohttp's timeouts are both
             raise UpstreamTimeout("no answer from the upstream within the timeout") from None
         except aiohttp.ClientConnectionError as exc:
@@ -79,9 +80,8 @@ class OpenAIClient:
         usage = data.get("usage")
         if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
             raise UpstreamProtocolError("the upstream's answer carries no usage")
-        return Completion(
-            data, Usage(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
-        )
+        counted = Usage(usage["prompt_tokens"], int(usage.get("completion_tokens") or 0))
+        return Completion(data, counted, raw)  # passed on as sent, not serialised again
 
     def _post(
         self, target: Target, path: str, payload: dict[str, Any], headers: Mapping[str, str]
@@ -91,7 +91,9 @@ class OpenAIClient:
             send["Authorization"] = f"Bearer {target.api_key}"
         return self._session.post(
             target.api_base.rstrip("/") + path,
-            data=json.dumps({**payload, "model": target.upstream_model}, separators=(",", ":")),
+            data=json.dumps(
+                {**payload, "model": target.upstream_model}, separators=(",", ":")
+            ).encode(),
             headers=send,
             timeout=self._timeout,
         )

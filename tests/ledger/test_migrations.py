@@ -3,25 +3,10 @@ idempotent and yields the seed plan's counts."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import asyncpg
-import pytest
 
 from gateway.config import Config
 from ledger import catalog_sync, migrations
-from tests.support import RUN_ID, create_database, drop_database
-
-
-@pytest.fixture
-async def empty_db(postgres_server_url: str) -> AsyncIterator[asyncpg.Connection]:
-    name = f"gwt_{RUN_ID}_empty"
-    conn = await asyncpg.connect(await create_database(postgres_server_url, name))
-    try:
-        yield conn
-    finally:
-        await conn.close()
-        await drop_database(postgres_server_url, name)
 
 
 async def _objects(conn: asyncpg.Connection) -> set[str]:

@@ -1,0 +1,221 @@
+"""Group commit: the holds and settlements a process asks for at about the same time go to
+PostgreSQL together, one statement and one commit per batch (reserve_batch, settle_batch).
+
+Every call of an organization takes its balance row lock, and keeps it until its commit is
+on disk; alone, a busy organization gets one call per commit. Here a call's operation joins
+a queue; a batch leaves as soon as one of `max_inflight` slots is free, with everything
+queued by then (up to `max_batch`). An idle process sends each operation alone at once, so
+nothing waits for a timer; a busy one sends fewer, fuller batches.
+
+Each operation's outcome is its own: an item the ledger refuses (unknown organization,
+conflicting key, too few credits) fails alone. A batch that fails as a whole for anything but
+an unreachable database is retried item by item, so that one bad item cannot fail the rest.
+
+A caller cancelled while its hold is being taken does not leave the hold behind: once the
+batch has committed, a granted hold nobody waits for any more is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from ledger import reservations
+from ledger.db import Conn
+from ledger.errors import LedgerError, LedgerUnavailable
+from ledger.reservations import HoldRequest, Reservation, Settlement, SettleRequest
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+ABANDONED_RELEASE_REASON = "caller cancelled while the hold was taken"
+
+
+@dataclass
+class _Lane(Generic[Req, Res]):
+    """One kind of operation: its queue and the batches of it in flight."""
+
+    name: str
+    run_batch: Callable[[Sequence[Req]], Awaitable[list[Res | LedgerError]]]
+    run_one: Callable[[Req], Awaitable[Res]]
+    max_batch: int
+    max_inflight: int
+    queue: list[tuple[Req, asyncio.Future[Res]]] = field(default_factory=list)
+    inflight: set[asyncio.Task[None]] = field(default_factory=set)
+    scheduled: bool = False
+    batches: int = 0
+    items: int = 0
+
+    def submit(self, request: Req) -> asyncio.Future[Res]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Res] = loop.create_future()
+        self.queue.append((request, future))
+        if not self.inflight:  # idle: no reason to wait
+            self._launch()
+        elif len(self.inflight) < self.max_inflight and not self.scheduled:
+            # busy: leave after this loop iteration, with whatever else it queues
+            self.scheduled = True
+            loop.call_soon(self._launch)
+        return future
+
+    def _launch(self) -> None:
+        self.scheduled = False
+        while self.queue and len(self.inflight) < self.max_inflight:
+            batch, self.queue = self.queue[: self.max_batch], self.queue[self.max_batch :]
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self.inflight.add(task)
+            task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        self._launch()
+
+    async def _run(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+        requests = [request for request, _ in batch]
+        self.batches += 1
+        self.items += len(batch)
+        try:
+            outcomes = await self.run_batch(requests)
+        except LedgerUnavailable as exc:
+            for _, future in batch:
+                _fail(future, exc)
+            return
+        except asyncio.CancelledError:  # at shutdown: nobody is left waiting
+            for _, future in batch:
+                _fail(future, LedgerUnavailable(f"{self.name} batch interrupted"))
+            raise
+        except Exception as exc:  # each item's own outcome is found below
+            # not the database's absence: one item may be at fault, so run them one by one
+            log.warning(
+                "a %s batch of %d failed (%s); applying it item by item",
+                self.name,
+                len(batch),
+                type(exc).__name__,
+            )
+            await self._run_singly(batch)
+            return
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():
+                continue
+            if isinstance(outcome, LedgerError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _run_singly(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+        for request, future in batch:
+            try:
+                result = await self.run_one(request)
+            except Exception as exc:  # handed to the item's caller, not dropped
+                _fail(future, exc)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
+    if not future.done():
+        future.set_exception(exc)
+
+
+class GroupCommit:
+    """Reserve and settle through batches (see the module's docstring)."""
+
+    def __init__(self, conn: Conn, *, max_batch: int = 32, max_inflight: int = 2) -> None:
+        if max_batch < 1 or max_inflight < 1:
+            raise ValueError("max_batch and max_inflight must be at least 1")
+        self._conn = conn
+        self._reserves: _Lane[HoldRequest, Reservation] = _Lane(
+            "reserve",
+            lambda requests: reservations.reserve_batch(conn, requests),
+            self._reserve_one,
+            max_batch,
+            max_inflight,
+        )
+        self._settles: _Lane[SettleRequest, Settlement] = _Lane(
+            "settle",
+            lambda requests: reservations.settle_batch(conn, requests),
+            self._settle_one,
+            max_batch,
+            max_inflight,
+        )
+        self._releases: set[asyncio.Task[None]] = set()
+
+    async def reserve(self, request: HoldRequest) -> Reservation:
+        """As `reservations.reserve`."""
+        future = self._reserves.submit(request)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(self._release_abandoned)
+            raise
+
+    async def settle(self, request: SettleRequest) -> Settlement:
+        """As `reservations.settle`; the settlement goes ahead if the caller is cancelled."""
+        return await asyncio.shield(self._settles.submit(request))
+
+    async def drain(self) -> None:
+        """Wait for every queued and in-flight operation (at shutdown, before the pool goes)."""
+        while True:
+            pending = [
+                *self._reserves.inflight,
+                *self._settles.inflight,
+                *self._releases,
+            ]
+            queued = self._reserves.queue or self._settles.queue
+            if not pending and not queued:
+                return
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+            else:
+                await asyncio.sleep(0)
+
+    def stats(self) -> dict[str, tuple[int, int]]:
+        """(batches, operations) sent so far, by kind."""
+        return {lane.name: (lane.batches, lane.items) for lane in (self._reserves, self._settles)}
+
+    async def _reserve_one(self, request: HoldRequest) -> Reservation:
+        return await reservations.reserve(
+            self._conn,
+            request.organization_id,
+            request.key,
+            minimum_micro=request.minimum_micro,
+            requested_micro=request.requested_micro,
+            ttl_s=request.ttl_s,
+            capability=request.capability,
+            quality=request.quality,
+            model=request.model,
+            request_id=request.request_id,
+        )
+
+    async def _settle_one(self, request: SettleRequest) -> Settlement:
+        return await reservations.settle(
+            self._conn,
+            request.organization_id,
+            request.reservation_id,
+            request.charge_micro,
+            request.snapshot,
+        )
+
+    def _release_abandoned(self, future: asyncio.Future[Reservation]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        hold = future.result()
+        if hold.replayed or hold.status is not reservations.ReservationStatus.PENDING:
+            return  # not this caller's to give back
+        task = asyncio.get_running_loop().create_task(self._release(hold))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, hold: Reservation) -> None:
+        try:
+            await reservations.release(
+                self._conn, hold.organization_id, hold.id, ABANDONED_RELEASE_REASON
+            )
+        except LedgerError as exc:  # the hold expires at its ttl instead
+            log.warning("could not release abandoned hold %s: %s", hold.id, exc)

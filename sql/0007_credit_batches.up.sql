@@ -1,0 +1,282 @@
+-- Group commit: many holds, or many settlements, in one statement and one transaction.
+--
+-- Under load every call of a busy organization queues for the same balance row lock, which
+-- is held until the commit is flushed to disk; one call at a time, the organization's rate is
+-- one commit per call. A batch takes each of its organizations' locks once (in
+-- organization_id order, so that concurrent batches and single operations never deadlock),
+-- applies its items in order, and commits once.
+--
+-- An item that cannot be applied (bad argument, unknown organization or catalog entry, key
+-- reused for a different request) writes nothing and is reported on its row (error_code is
+-- the SQLSTATE the single operation raises, error_message its text); the other items of the
+-- batch are applied all the same. No item runs in a subtransaction.
+--
+-- credit_reserve and credit_settle become one-item batches that raise the item's error, so
+-- one implementation serves both.
+
+CREATE FUNCTION credit_lock_balances(p_orgs uuid[]) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM FROM organization_credit_balances
+      WHERE organization_id = ANY (p_orgs) ORDER BY organization_id FOR UPDATE;
+END $$;
+
+CREATE FUNCTION credit_check_batch(VARIADIC p_lengths integer[]) RETURNS integer
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF EXISTS (SELECT FROM unnest(p_lengths) l WHERE l IS DISTINCT FROM p_lengths[1]) THEN
+        RAISE EXCEPTION 'batch arrays differ in length: %', p_lengths USING ERRCODE = 'GL001';
+    END IF;
+    RETURN coalesce(p_lengths[1], 0);
+END $$;
+
+CREATE FUNCTION credit_reserve_batch(p_org uuid[], p_key text[], p_minimum bigint[],
+                                     p_requested bigint[], p_ttl_s integer[],
+                                     p_capability text[], p_quality text[], p_model text[],
+                                     p_request_id text[])
+RETURNS TABLE (ord integer, reservation_id uuid, status text, amount_micro bigint,
+               spendable_micro bigint, expires_at timestamptz, replayed boolean,
+               error_code text, error_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+    b organization_credit_balances;
+    r credit_reservations;
+    v_capability integer;
+    v_quality integer;
+    v_spendable bigint;
+    v_hold bigint;
+    v_status text;
+BEGIN
+    n := credit_check_batch(cardinality(p_org), cardinality(p_key), cardinality(p_minimum),
+                            cardinality(p_requested), cardinality(p_ttl_s),
+                            cardinality(p_capability), cardinality(p_quality),
+                            cardinality(p_model), cardinality(p_request_id));
+    PERFORM credit_lock_balances(p_org);
+    FOR i IN 1 .. n LOOP
+        IF p_minimum[i] IS NULL OR p_requested[i] IS NULL OR p_minimum[i] < 0
+           OR p_requested[i] <= 0 OR p_minimum[i] > p_requested[i] THEN
+            RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                NULL::timestamptz, NULL::boolean, 'GL001'::text,
+                format('invalid reservation amounts: minimum %s, requested %s',
+                       coalesce(p_minimum[i]::text, '<NULL>'),
+                       coalesce(p_requested[i]::text, '<NULL>'));
+            CONTINUE;
+        END IF;
+        IF p_ttl_s[i] IS NULL OR p_ttl_s[i] <= 0 THEN
+            RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                NULL::timestamptz, NULL::boolean, 'GL001'::text,
+                format('invalid reservation ttl %s', coalesce(p_ttl_s[i]::text, '<NULL>'));
+            CONTINUE;
+        END IF;
+        IF p_key[i] IS NULL OR length(p_key[i]) NOT BETWEEN 1 AND 255 THEN
+            RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                NULL::timestamptz, NULL::boolean, 'GL001'::text,
+                'an idempotency key of 1 to 255 characters is required'::text;
+            CONTINUE;
+        END IF;
+        v_capability := NULL;
+        IF p_capability[i] IS NOT NULL THEN
+            SELECT c.id INTO v_capability FROM ai_capabilities c
+             WHERE c.unique_name = p_capability[i];
+            IF NOT FOUND THEN
+                RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                    NULL::timestamptz, NULL::boolean, 'GL009'::text,
+                    format('unknown capability %s', p_capability[i]);
+                CONTINUE;
+            END IF;
+        END IF;
+        v_quality := NULL;
+        IF p_quality[i] IS NOT NULL THEN
+            SELECT q.id INTO v_quality FROM quality_levels q WHERE q.unique_name = p_quality[i];
+            IF NOT FOUND THEN
+                RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                    NULL::timestamptz, NULL::boolean, 'GL009'::text,
+                    format('unknown quality level %s', p_quality[i]);
+                CONTINUE;
+            END IF;
+        END IF;
+        -- locked above; read again for what the batch's earlier items changed
+        SELECT * INTO b FROM organization_credit_balances ob WHERE ob.organization_id = p_org[i];
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                NULL::timestamptz, NULL::boolean, 'GL002'::text,
+                format('unknown organization %s', coalesce(p_org[i]::text, '<NULL>'));
+            CONTINUE;
+        END IF;
+        v_spendable := credit_spendable(b);
+        SELECT * INTO r FROM credit_reservations cr
+         WHERE cr.organization_id = p_org[i] AND cr.idempotency_key = p_key[i];
+        IF FOUND THEN
+            IF r.minimum_micro <> p_minimum[i] OR r.requested_micro <> p_requested[i] THEN
+                RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                    NULL::timestamptz, NULL::boolean, 'GL004'::text,
+                    format('idempotency key %s was used for a different reservation', p_key[i]);
+                CONTINUE;
+            END IF;
+            RETURN QUERY SELECT i, r.id, r.status, r.amount_micro, v_spendable, r.expires_at,
+                true, NULL::text, NULL::text;
+            CONTINUE;
+        END IF;
+        v_hold := 0;
+        v_status := 'rejected';
+        IF v_spendable >= p_minimum[i] THEN
+            v_hold := least(p_requested[i], v_spendable);
+            v_status := 'pending';
+            UPDATE organization_credit_balances ob
+               SET reserved_credits_micro = ob.reserved_credits_micro + v_hold
+             WHERE ob.organization_id = p_org[i];
+        END IF;
+        INSERT INTO credit_reservations (organization_id, idempotency_key, status, minimum_micro,
+                                         requested_micro, amount_micro, ai_capability_id,
+                                         quality_level_id, model, request_id, expires_at,
+                                         resolved_at)
+        VALUES (p_org[i], p_key[i], v_status, p_minimum[i], p_requested[i], v_hold, v_capability,
+                v_quality, p_model[i], p_request_id[i],
+                now() + make_interval(secs => p_ttl_s[i]),
+                CASE WHEN v_status = 'rejected' THEN now() END)
+        RETURNING * INTO r;
+        RETURN QUERY SELECT i, r.id, r.status, r.amount_micro, v_spendable - v_hold, r.expires_at,
+            false, NULL::text, NULL::text;
+    END LOOP;
+END $$;
+
+CREATE FUNCTION credit_settle_batch(p_org uuid[], p_reservation uuid[], p_charge bigint[],
+                                    p_model text[], p_provider text[],
+                                    p_input_usd_per_mtok numeric[],
+                                    p_output_usd_per_mtok numeric[],
+                                    p_credit_multiplier numeric[], p_credits_per_usd numeric[],
+                                    p_prompt_tokens integer[], p_completion_tokens integer[],
+                                    p_estimated_micro bigint[], p_metadata jsonb[])
+RETURNS TABLE (ord integer, status text, applied boolean, transaction_id bigint,
+               charged_micro bigint, available_micro bigint, spendable_micro bigint,
+               monthly_credits_micro bigint, error_code text, error_message text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    n integer;
+    b organization_credit_balances;
+    r credit_reservations;
+    s record;
+    v_txn bigint;
+BEGIN
+    n := credit_check_batch(cardinality(p_org), cardinality(p_reservation),
+                            cardinality(p_charge), cardinality(p_model),
+                            cardinality(p_provider), cardinality(p_input_usd_per_mtok),
+                            cardinality(p_output_usd_per_mtok), cardinality(p_credit_multiplier),
+                            cardinality(p_credits_per_usd), cardinality(p_prompt_tokens),
+                            cardinality(p_completion_tokens), cardinality(p_estimated_micro),
+                            cardinality(p_metadata));
+    PERFORM credit_lock_balances(p_org);
+    FOR i IN 1 .. n LOOP
+        IF p_charge[i] IS NULL OR p_charge[i] < 0 THEN
+            RETURN QUERY SELECT i, NULL::text, NULL::boolean, NULL::bigint, NULL::bigint,
+                NULL::bigint, NULL::bigint, NULL::bigint, 'GL001'::text,
+                format('invalid charge %s', coalesce(p_charge[i]::text, '<NULL>'));
+            CONTINUE;
+        END IF;
+        SELECT * INTO b FROM organization_credit_balances ob WHERE ob.organization_id = p_org[i];
+        IF NOT FOUND THEN
+            RETURN QUERY SELECT i, NULL::text, NULL::boolean, NULL::bigint, NULL::bigint,
+                NULL::bigint, NULL::bigint, NULL::bigint, 'GL002'::text,
+                format('unknown organization %s', coalesce(p_org[i]::text, '<NULL>'));
+            CONTINUE;
+        END IF;
+        UPDATE credit_reservations cr
+           SET status = 'settled', charged_micro = p_charge[i], resolved_at = now()
+         WHERE cr.organization_id = p_org[i] AND cr.id = p_reservation[i]
+           AND cr.status = 'pending'
+        RETURNING * INTO r;
+        IF NOT FOUND THEN
+            SELECT * INTO r FROM credit_reservations cr
+             WHERE cr.organization_id = p_org[i] AND cr.id = p_reservation[i];
+            IF NOT FOUND THEN
+                RETURN QUERY SELECT i, NULL::text, NULL::boolean, NULL::bigint, NULL::bigint,
+                    NULL::bigint, NULL::bigint, NULL::bigint, 'GL005'::text,
+                    format('unknown reservation %s', coalesce(p_reservation[i]::text, '<NULL>'));
+                CONTINUE;
+            END IF;
+            IF r.status = 'settled' AND r.charged_micro <> p_charge[i] THEN
+                RETURN QUERY SELECT i, NULL::text, NULL::boolean, NULL::bigint, NULL::bigint,
+                    NULL::bigint, NULL::bigint, NULL::bigint, 'GL004'::text,
+                    format('reservation %s was settled for a different amount', r.id);
+                CONTINUE;
+            END IF;
+            SELECT t.id INTO v_txn FROM credit_transactions t
+             WHERE t.organization_id = p_org[i] AND t.reservation_id = p_reservation[i];
+            RETURN QUERY SELECT i, r.status, false, v_txn, r.charged_micro, credit_available(b),
+                credit_spendable(b), b.monthly_credits_micro, NULL::text, NULL::text;
+            CONTINUE;
+        END IF;
+        s := credit_split(b, 'consumption', -p_charge[i]);
+        UPDATE organization_credit_balances ob
+           SET reserved_credits_micro = ob.reserved_credits_micro - r.amount_micro,
+               monthly_remaining_micro = ob.monthly_remaining_micro + s.monthly,
+               bonus_credits_micro = ob.bonus_credits_micro + s.bonus,
+               overdraft_used_micro = ob.overdraft_used_micro - s.overdraft
+         WHERE ob.organization_id = p_org[i]
+        RETURNING * INTO b;
+        INSERT INTO credit_transactions (organization_id, transaction_type, credits_amount_micro,
+            monthly_micro, bonus_micro, overdraft_micro, idempotency_key, reservation_id,
+            ai_capability_id, quality_level_id, model, provider, input_usd_per_mtok,
+            output_usd_per_mtok, credit_multiplier, credits_per_usd, prompt_tokens,
+            completion_tokens, reserved_micro, estimated_credits_micro, provider_metadata)
+        VALUES (p_org[i], 'consumption', -p_charge[i], s.monthly, s.bonus, s.overdraft,
+                'consumption:' || r.id::text, r.id, r.ai_capability_id, r.quality_level_id,
+                coalesce(p_model[i], r.model), p_provider[i], p_input_usd_per_mtok[i],
+                p_output_usd_per_mtok[i], p_credit_multiplier[i], p_credits_per_usd[i],
+                p_prompt_tokens[i], p_completion_tokens[i], r.amount_micro, p_estimated_micro[i],
+                p_metadata[i])
+        RETURNING id INTO v_txn;
+        RETURN QUERY SELECT i, 'settled'::text, true, v_txn, p_charge[i], credit_available(b),
+            credit_spendable(b), b.monthly_credits_micro, NULL::text, NULL::text;
+    END LOOP;
+END $$;
+
+-- The single operations, as one-item batches that raise the item's error.
+CREATE OR REPLACE FUNCTION credit_reserve(p_org uuid, p_key text, p_minimum bigint,
+                                          p_requested bigint, p_ttl_s integer,
+                                          p_capability text DEFAULT NULL,
+                                          p_quality text DEFAULT NULL, p_model text DEFAULT NULL,
+                                          p_request_id text DEFAULT NULL)
+RETURNS TABLE (reservation_id uuid, status text, amount_micro bigint, spendable_micro bigint,
+               expires_at timestamptz, replayed boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    x record;
+BEGIN
+    SELECT * INTO x FROM credit_reserve_batch(ARRAY[p_org], ARRAY[p_key], ARRAY[p_minimum],
+        ARRAY[p_requested], ARRAY[p_ttl_s], ARRAY[p_capability], ARRAY[p_quality],
+        ARRAY[p_model], ARRAY[p_request_id]);
+    IF x.error_code IS NOT NULL THEN
+        RAISE EXCEPTION '%', x.error_message USING ERRCODE = x.error_code;
+    END IF;
+    RETURN QUERY SELECT x.reservation_id, x.status, x.amount_micro, x.spendable_micro,
+                        x.expires_at, x.replayed;
+END $$;
+
+CREATE OR REPLACE FUNCTION credit_settle(p_org uuid, p_reservation uuid, p_charge bigint,
+                                         p_model text DEFAULT NULL, p_provider text DEFAULT NULL,
+                                         p_input_usd_per_mtok numeric DEFAULT NULL,
+                                         p_output_usd_per_mtok numeric DEFAULT NULL,
+                                         p_credit_multiplier numeric DEFAULT NULL,
+                                         p_credits_per_usd numeric DEFAULT NULL,
+                                         p_prompt_tokens integer DEFAULT NULL,
+                                         p_completion_tokens integer DEFAULT NULL,
+                                         p_estimated_micro bigint DEFAULT NULL,
+                                         p_metadata jsonb DEFAULT NULL)
+RETURNS TABLE (status text, applied boolean, transaction_id bigint, charged_micro bigint,
+               available_micro bigint, spendable_micro bigint, monthly_credits_micro bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    x record;
+BEGIN
+    SELECT * INTO x FROM credit_settle_batch(ARRAY[p_org], ARRAY[p_reservation],
+        ARRAY[p_charge], ARRAY[p_model], ARRAY[p_provider], ARRAY[p_input_usd_per_mtok],
+        ARRAY[p_output_usd_per_mtok], ARRAY[p_credit_multiplier], ARRAY[p_credits_per_usd],
+        ARRAY[p_prompt_tokens], ARRAY[p_completion_tokens], ARRAY[p_estimated_micro],
+        ARRAY[p_metadata]);
+    IF x.error_code IS NOT NULL THEN
+        RAISE EXCEPTION '%', x.error_message USING ERRCODE = x.error_code;
+    END IF;
+    RETURN QUERY SELECT x.status, x.applied, x.transaction_id, x.charged_micro,
+                        x.available_micro, x.spendable_micro, x.monthly_credits_micro;
+END $$;
