@@ -23,21 +23,62 @@ from policies.pricing import credits_number
 log = logging.getLogger(__name__)
 
 DRAIN_AFTER_DISCONNECT_S = 10.0  # how long to keep reading for usage once the client is gone
+MAX_PENDING_BYTES = 1 << 16  # events queued for a client before the relay waits for it
 
 Chunks = AsyncIterator[dict[str, Any]]
 
 
 class StreamedResponse(web.StreamResponse):
-    """An SSE response that can keep a copy of what it sent (for Idempotency-Key replays)."""
+    """An SSE response that can keep a copy of what it sent (for Idempotency-Key replays).
+
+    Events are written by a task of their own: those the relay passes on while it still has
+    more at hand (an upstream burst, the final usage and [DONE]) leave in one write, and so
+    one system call, instead of one each; an event that arrives alone leaves at once."""
 
     def __init__(self, *, capture: bool, headers: dict[str, str]) -> None:
         super().__init__(headers=headers)
         self.captured: bytearray | None = bytearray() if capture else None
+        self._pending = bytearray()
+        self._writer: asyncio.Task[None] | None = None
+        self._broken = False
 
     async def send(self, data: bytes) -> None:
+        """Queue `data`; raises ConnectionResetError once the client is known to be gone."""
+        if self._broken:
+            raise ConnectionResetError("the client has gone")
         if self.captured is not None:
             self.captured += data
-        await self.write(data)
+        self._pending += data
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending())
+        if len(self._pending) >= MAX_PENDING_BYTES:  # a slow reader holds the relay back
+            await self.flush()
+
+    @property
+    def broken(self) -> bool:
+        """A write failed: the client has gone."""
+        return self._broken
+
+    async def flush(self) -> None:
+        """Wait until everything queued is written."""
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+        if self._broken:
+            raise ConnectionResetError("the client has gone")
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        await self.flush()
+        await super().write_eof(data)
+
+    async def _write_pending(self) -> None:
+        try:
+            while self._pending:
+                data = bytes(self._pending)
+                self._pending.clear()
+                await self.write(data)
+        except ConnectionResetError:
+            self._broken = True
+            self._pending.clear()
 
 
 def captured_body(response: web.StreamResponse) -> bytes:
@@ -194,6 +235,9 @@ async def finish(
     request: web.Request, services: Services, call: Call, attempt: Attempt, relay: Relay
 ) -> None:
     """Settle from the reported usage (else from what was counted) and end the stream."""
+    transport = request.transport
+    if relay.response.broken or transport is None or transport.is_closing():
+        relay.client_gone = True  # found by the writer, or by a cancelled handler
     usage = relay.usage or relay.meter.usage(call.prompt_tokens)
     settlement = await outcomes.settle_with_retry(services, call, attempt, Completion({}, usage))
     status = "200" if relay.failure is None else "upstream_error"
