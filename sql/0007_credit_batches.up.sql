@@ -4,7 +4,9 @@
 -- is held until the commit is flushed to disk; one call at a time, the organization's rate is
 -- one commit per call. A batch takes each of its organizations' locks once (in
 -- organization_id order, so that concurrent batches and single operations never deadlock),
--- applies its items in order, and commits once.
+-- applies each organization's items in their order to the balance held in a variable, writes
+-- the balance once and the new rows in one INSERT, and commits once. (Row by row, the INSERTs
+-- cost three times as much here, their foreign-key checks included.)
 --
 -- An item that cannot be applied (bad argument, unknown organization or catalog entry, key
 -- reused for a different request) writes nothing and is reported on its row (error_code is
@@ -19,6 +21,17 @@ BEGIN
     PERFORM FROM organization_credit_balances
       WHERE organization_id = ANY (p_orgs) ORDER BY organization_id FOR UPDATE;
 END $$;
+
+-- Writes a locked balance row back from a variable the batch has been moving.
+CREATE FUNCTION credit_store_balance(b organization_credit_balances) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE organization_credit_balances
+       SET reserved_credits_micro = b.reserved_credits_micro,
+           monthly_remaining_micro = b.monthly_remaining_micro,
+           bonus_credits_micro = b.bonus_credits_micro,
+           overdraft_used_micro = b.overdraft_used_micro
+     WHERE organization_id = b.organization_id
+$$;
 
 CREATE FUNCTION credit_check_batch(VARIADIC p_lengths integer[]) RETURNS integer
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -39,20 +52,51 @@ RETURNS TABLE (ord integer, reservation_id uuid, status text, amount_micro bigin
 LANGUAGE plpgsql AS $$
 DECLARE
     n integer;
+    i integer;
     b organization_credit_balances;
+    v_org uuid;  -- whose balance b holds
+    v_found boolean := false;  -- b holds a balance
+    v_dirty boolean := false;  -- b has moved since it was read
     r credit_reservations;
     v_capability integer;
     v_quality integer;
     v_spendable bigint;
     v_hold bigint;
     v_status text;
+    v_id uuid;
+    v_expires timestamptz;
+    k integer;
+    -- the batch's new holds, written together after the loop
+    h_id uuid[] := '{}';
+    h_org uuid[] := '{}';
+    h_key text[] := '{}';
+    h_seen text[] := '{}';  -- organization/key, to find a key reused within the batch
+    h_status text[] := '{}';
+    h_minimum bigint[] := '{}';
+    h_requested bigint[] := '{}';
+    h_amount bigint[] := '{}';
+    h_capability integer[] := '{}';
+    h_quality integer[] := '{}';
+    h_model text[] := '{}';
+    h_request_id text[] := '{}';
+    h_expires timestamptz[] := '{}';
 BEGIN
     n := credit_check_batch(cardinality(p_org), cardinality(p_key), cardinality(p_minimum),
                             cardinality(p_requested), cardinality(p_ttl_s),
                             cardinality(p_capability), cardinality(p_quality),
                             cardinality(p_model), cardinality(p_request_id));
     PERFORM credit_lock_balances(p_org);
-    FOR i IN 1 .. n LOOP
+    -- an organization's items together (in their order): its balance is read and written once
+    FOR i IN SELECT g.i FROM generate_subscripts(p_org, 1) AS g(i) ORDER BY p_org[g.i], g.i LOOP
+        IF v_org IS DISTINCT FROM p_org[i] THEN
+            IF v_dirty THEN
+                PERFORM credit_store_balance(b);
+                v_dirty := false;
+            END IF;
+            v_org := p_org[i];
+            SELECT * INTO b FROM organization_credit_balances ob WHERE ob.organization_id = v_org;
+            v_found := FOUND;
+        END IF;
         IF p_minimum[i] IS NULL OR p_requested[i] IS NULL OR p_minimum[i] < 0
            OR p_requested[i] <= 0 OR p_minimum[i] > p_requested[i] THEN
             RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
@@ -95,15 +139,25 @@ BEGIN
                 CONTINUE;
             END IF;
         END IF;
-        -- locked above; read again for what the batch's earlier items changed
-        SELECT * INTO b FROM organization_credit_balances ob WHERE ob.organization_id = p_org[i];
-        IF NOT FOUND THEN
+        IF NOT v_found THEN
             RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
                 NULL::timestamptz, NULL::boolean, 'GL002'::text,
                 format('unknown organization %s', coalesce(p_org[i]::text, '<NULL>'));
             CONTINUE;
         END IF;
         v_spendable := credit_spendable(b);
+        k := array_position(h_seen, p_org[i]::text || '/' || p_key[i]);
+        IF k IS NOT NULL THEN  -- the key of an earlier item of this batch
+            IF h_minimum[k] <> p_minimum[i] OR h_requested[k] <> p_requested[i] THEN
+                RETURN QUERY SELECT i, NULL::uuid, NULL::text, NULL::bigint, NULL::bigint,
+                    NULL::timestamptz, NULL::boolean, 'GL004'::text,
+                    format('idempotency key %s was used for a different reservation', p_key[i]);
+                CONTINUE;
+            END IF;
+            RETURN QUERY SELECT i, h_id[k], h_status[k], h_amount[k], v_spendable, h_expires[k],
+                true, NULL::text, NULL::text;
+            CONTINUE;
+        END IF;
         SELECT * INTO r FROM credit_reservations cr
          WHERE cr.organization_id = p_org[i] AND cr.idempotency_key = p_key[i];
         IF FOUND THEN
@@ -122,22 +176,42 @@ BEGIN
         IF v_spendable >= p_minimum[i] THEN
             v_hold := least(p_requested[i], v_spendable);
             v_status := 'pending';
-            UPDATE organization_credit_balances ob
-               SET reserved_credits_micro = ob.reserved_credits_micro + v_hold
-             WHERE ob.organization_id = p_org[i];
+            b.reserved_credits_micro := b.reserved_credits_micro + v_hold;
+            v_dirty := true;
         END IF;
-        INSERT INTO credit_reservations (organization_id, idempotency_key, status, minimum_micro,
-                                         requested_micro, amount_micro, ai_capability_id,
-                                         quality_level_id, model, request_id, expires_at,
-                                         resolved_at)
-        VALUES (p_org[i], p_key[i], v_status, p_minimum[i], p_requested[i], v_hold, v_capability,
-                v_quality, p_model[i], p_request_id[i],
-                now() + make_interval(secs => p_ttl_s[i]),
-                CASE WHEN v_status = 'rejected' THEN now() END)
-        RETURNING * INTO r;
-        RETURN QUERY SELECT i, r.id, r.status, r.amount_micro, v_spendable - v_hold, r.expires_at,
+        v_id := gen_random_uuid();
+        v_expires := now() + make_interval(secs => p_ttl_s[i]);
+        h_id := h_id || v_id;
+        h_org := h_org || p_org[i];
+        h_key := h_key || p_key[i];
+        h_seen := h_seen || (p_org[i]::text || '/' || p_key[i]);
+        h_status := h_status || v_status;
+        h_minimum := h_minimum || p_minimum[i];
+        h_requested := h_requested || p_requested[i];
+        h_amount := h_amount || v_hold;
+        h_capability := h_capability || v_capability;
+        h_quality := h_quality || v_quality;
+        h_model := h_model || p_model[i];
+        h_request_id := h_request_id || p_request_id[i];
+        h_expires := h_expires || v_expires;
+        RETURN QUERY SELECT i, v_id, v_status, v_hold, v_spendable - v_hold, v_expires,
             false, NULL::text, NULL::text;
     END LOOP;
+    IF v_dirty THEN
+        PERFORM credit_store_balance(b);
+    END IF;
+    -- one statement for every new hold (refused ones are remembered as 'rejected')
+    INSERT INTO credit_reservations (id, organization_id, idempotency_key, status, minimum_micro,
+                                     requested_micro, amount_micro, ai_capability_id,
+                                     quality_level_id, model, request_id, expires_at,
+                                     resolved_at)
+    SELECT h.id, h.org, h.key, h.status, h.minimum, h.requested, h.amount, h.capability,
+           h.quality, h.model, h.request_id, h.expires,
+           CASE WHEN h.status = 'rejected' THEN now() END
+      FROM unnest(h_id, h_org, h_key, h_status, h_minimum, h_requested, h_amount, h_capability,
+                  h_quality, h_model, h_request_id, h_expires)
+           AS h(id, org, key, status, minimum, requested, amount, capability, quality, model,
+                request_id, expires);
 END $$;
 
 CREATE FUNCTION credit_settle_batch(p_org uuid[], p_reservation uuid[], p_charge bigint[],
@@ -153,10 +227,37 @@ RETURNS TABLE (ord integer, status text, applied boolean, transaction_id bigint,
 LANGUAGE plpgsql AS $$
 DECLARE
     n integer;
+    i integer;
     b organization_credit_balances;
+    v_org uuid;  -- whose balance b holds
+    v_found boolean := false;  -- b holds a balance
+    v_dirty boolean := false;  -- b has moved since it was read
     r credit_reservations;
     s record;
     v_txn bigint;
+    v_entries regclass := pg_get_serial_sequence('credit_transactions', 'id')::regclass;
+    k integer;
+    -- the batch's consumption entries, written together after the loop
+    e_id bigint[] := '{}';
+    e_org uuid[] := '{}';
+    e_amount bigint[] := '{}';
+    e_monthly bigint[] := '{}';
+    e_bonus bigint[] := '{}';
+    e_overdraft bigint[] := '{}';
+    e_reservation uuid[] := '{}';
+    e_capability integer[] := '{}';
+    e_quality integer[] := '{}';
+    e_model text[] := '{}';
+    e_provider text[] := '{}';
+    e_input numeric[] := '{}';
+    e_output numeric[] := '{}';
+    e_multiplier numeric[] := '{}';
+    e_per_usd numeric[] := '{}';
+    e_prompt integer[] := '{}';
+    e_completion integer[] := '{}';
+    e_reserved bigint[] := '{}';
+    e_estimated bigint[] := '{}';
+    e_metadata jsonb[] := '{}';
 BEGIN
     n := credit_check_batch(cardinality(p_org), cardinality(p_reservation),
                             cardinality(p_charge), cardinality(p_model),
@@ -166,15 +267,24 @@ BEGIN
                             cardinality(p_completion_tokens), cardinality(p_estimated_micro),
                             cardinality(p_metadata));
     PERFORM credit_lock_balances(p_org);
-    FOR i IN 1 .. n LOOP
+    -- an organization's items together (in their order): its balance is read and written once
+    FOR i IN SELECT g.i FROM generate_subscripts(p_org, 1) AS g(i) ORDER BY p_org[g.i], g.i LOOP
+        IF v_org IS DISTINCT FROM p_org[i] THEN
+            IF v_dirty THEN
+                PERFORM credit_store_balance(b);
+                v_dirty := false;
+            END IF;
+            v_org := p_org[i];
+            SELECT * INTO b FROM organization_credit_balances ob WHERE ob.organization_id = v_org;
+            v_found := FOUND;
+        END IF;
         IF p_charge[i] IS NULL OR p_charge[i] < 0 THEN
             RETURN QUERY SELECT i, NULL::text, NULL::boolean, NULL::bigint, NULL::bigint,
                 NULL::bigint, NULL::bigint, NULL::bigint, 'GL001'::text,
                 format('invalid charge %s', coalesce(p_charge[i]::text, '<NULL>'));
             CONTINUE;
         END IF;
-        SELECT * INTO b FROM organization_credit_balances ob WHERE ob.organization_id = p_org[i];
-        IF NOT FOUND THEN
+        IF NOT v_found THEN
             RETURN QUERY SELECT i, NULL::text, NULL::boolean, NULL::bigint, NULL::bigint,
                 NULL::bigint, NULL::bigint, NULL::bigint, 'GL002'::text,
                 format('unknown organization %s', coalesce(p_org[i]::text, '<NULL>'));
@@ -200,35 +310,67 @@ BEGIN
                     format('reservation %s was settled for a different amount', r.id);
                 CONTINUE;
             END IF;
-            SELECT t.id INTO v_txn FROM credit_transactions t
-             WHERE t.organization_id = p_org[i] AND t.reservation_id = p_reservation[i];
+            k := array_position(e_reservation, r.id);  -- settled earlier in this batch
+            IF k IS NOT NULL THEN
+                v_txn := e_id[k];
+            ELSE
+                SELECT t.id INTO v_txn FROM credit_transactions t
+                 WHERE t.organization_id = p_org[i] AND t.reservation_id = p_reservation[i];
+            END IF;
             RETURN QUERY SELECT i, r.status, false, v_txn, r.charged_micro, credit_available(b),
                 credit_spendable(b), b.monthly_credits_micro, NULL::text, NULL::text;
             CONTINUE;
         END IF;
         s := credit_split(b, 'consumption', -p_charge[i]);
-        UPDATE organization_credit_balances ob
-           SET reserved_credits_micro = ob.reserved_credits_micro - r.amount_micro,
-               monthly_remaining_micro = ob.monthly_remaining_micro + s.monthly,
-               bonus_credits_micro = ob.bonus_credits_micro + s.bonus,
-               overdraft_used_micro = ob.overdraft_used_micro - s.overdraft
-         WHERE ob.organization_id = p_org[i]
-        RETURNING * INTO b;
-        INSERT INTO credit_transactions (organization_id, transaction_type, credits_amount_micro,
-            monthly_micro, bonus_micro, overdraft_micro, idempotency_key, reservation_id,
-            ai_capability_id, quality_level_id, model, provider, input_usd_per_mtok,
-            output_usd_per_mtok, credit_multiplier, credits_per_usd, prompt_tokens,
-            completion_tokens, reserved_micro, estimated_credits_micro, provider_metadata)
-        VALUES (p_org[i], 'consumption', -p_charge[i], s.monthly, s.bonus, s.overdraft,
-                'consumption:' || r.id::text, r.id, r.ai_capability_id, r.quality_level_id,
-                coalesce(p_model[i], r.model), p_provider[i], p_input_usd_per_mtok[i],
-                p_output_usd_per_mtok[i], p_credit_multiplier[i], p_credits_per_usd[i],
-                p_prompt_tokens[i], p_completion_tokens[i], r.amount_micro, p_estimated_micro[i],
-                p_metadata[i])
-        RETURNING id INTO v_txn;
+        b.reserved_credits_micro := b.reserved_credits_micro - r.amount_micro;
+        b.monthly_remaining_micro := b.monthly_remaining_micro + s.monthly;
+        b.bonus_credits_micro := b.bonus_credits_micro + s.bonus;
+        b.overdraft_used_micro := b.overdraft_used_micro - s.overdraft;
+        v_dirty := true;
+        v_txn := nextval(v_entries);
+        e_id := e_id || v_txn;
+        e_org := e_org || p_org[i];
+        e_amount := e_amount || -p_charge[i];
+        e_monthly := e_monthly || s.monthly;
+        e_bonus := e_bonus || s.bonus;
+        e_overdraft := e_overdraft || s.overdraft;
+        e_reservation := e_reservation || r.id;
+        e_capability := e_capability || r.ai_capability_id;
+        e_quality := e_quality || r.quality_level_id;
+        e_model := e_model || coalesce(p_model[i], r.model);
+        e_provider := e_provider || p_provider[i];
+        e_input := e_input || p_input_usd_per_mtok[i];
+        e_output := e_output || p_output_usd_per_mtok[i];
+        e_multiplier := e_multiplier || p_credit_multiplier[i];
+        e_per_usd := e_per_usd || p_credits_per_usd[i];
+        e_prompt := e_prompt || p_prompt_tokens[i];
+        e_completion := e_completion || p_completion_tokens[i];
+        e_reserved := e_reserved || r.amount_micro;
+        e_estimated := e_estimated || p_estimated_micro[i];
+        e_metadata := e_metadata || p_metadata[i];
         RETURN QUERY SELECT i, 'settled'::text, true, v_txn, p_charge[i], credit_available(b),
             credit_spendable(b), b.monthly_credits_micro, NULL::text, NULL::text;
     END LOOP;
+    IF v_dirty THEN
+        PERFORM credit_store_balance(b);
+    END IF;
+    -- one statement for every new entry
+    INSERT INTO credit_transactions (id, organization_id, transaction_type, credits_amount_micro,
+        monthly_micro, bonus_micro, overdraft_micro, idempotency_key, reservation_id,
+        ai_capability_id, quality_level_id, model, provider, input_usd_per_mtok,
+        output_usd_per_mtok, credit_multiplier, credits_per_usd, prompt_tokens,
+        completion_tokens, reserved_micro, estimated_credits_micro, provider_metadata)
+    OVERRIDING SYSTEM VALUE
+    SELECT e.id, e.org, 'consumption', e.amount, e.monthly, e.bonus, e.overdraft,
+           'consumption:' || e.reservation::text, e.reservation, e.capability, e.quality,
+           e.model, e.provider, e.input, e.output, e.multiplier, e.per_usd, e.prompt,
+           e.completion, e.reserved, e.estimated, e.metadata
+      FROM unnest(e_id, e_org, e_amount, e_monthly, e_bonus, e_overdraft, e_reservation,
+                  e_capability, e_quality, e_model, e_provider, e_input, e_output, e_multiplier,
+                  e_per_usd, e_prompt, e_completion, e_reserved, e_estimated, e_metadata)
+           AS e(id, org, amount, monthly, bonus, overdraft, reservation, capability, quality,
+                model, provider, input, output, multiplier, per_usd, prompt, completion,
+                reserved, estimated, metadata);
 END $$;
 
 -- The single operations, as one-item batches that raise the item's error.
