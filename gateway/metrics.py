@@ -104,6 +104,13 @@ class Metrics:
         self.reservations = Counter(
             "gateway_reservations_total", "Reservations by outcome", ["outcome"], registry=r
         )
+        self.ledger_batch_size = Histogram(
+            "gateway_ledger_batch_size",
+            "Holds or settlements sent to PostgreSQL in one statement and commit",
+            ["operation"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
         self.notifications = Counter(
             "gateway_low_balance_notifications_total",
             "Low-balance notifications",

@@ -155,10 +155,12 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         ProviderKind.ANTHROPIC: translated,
         ProviderKind.GEMINI: translated,
     }
+    batch_sizes = app[METRICS].ledger_batch_size
     ledger = GroupCommit(
         app[DB_POOL],
         max_batch=config.server.ledger_batch_max,
         max_inflight=config.server.ledger_batches_in_flight,
+        on_batch=lambda kind, size: batch_sizes.labels(kind).observe(size),
     )
     app[SERVICES] = Services(
         config=config,

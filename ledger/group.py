@@ -45,6 +45,7 @@ class _Lane(Generic[Req, Res]):
     run_one: Callable[[Req], Awaitable[Res]]
     max_batch: int
     max_inflight: int
+    on_batch: Callable[[str, int], None] | None
     queue: list[tuple[Req, asyncio.Future[Res]]] = field(default_factory=list)
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     scheduled: bool = False
@@ -79,6 +80,8 @@ class _Lane(Generic[Req, Res]):
         requests = [request for request, _ in batch]
         self.batches += 1
         self.items += len(batch)
+        if self.on_batch is not None:
+            self.on_batch(self.name, len(batch))
         try:
             outcomes = await self.run_batch(requests)
         except LedgerUnavailable as exc:
@@ -126,7 +129,15 @@ def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
 class GroupCommit:
     """Reserve and settle through batches (see the module's docstring)."""
 
-    def __init__(self, conn: Conn, *, max_batch: int = 32, max_inflight: int = 2) -> None:
+    def __init__(
+        self,
+        conn: Conn,
+        *,
+        max_batch: int = 32,
+        max_inflight: int = 2,
+        on_batch: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """`on_batch(kind, size)` is told of every batch sent ("reserve" or "settle")."""
         if max_batch < 1 or max_inflight < 1:
             raise ValueError("max_batch and max_inflight must be at least 1")
         self._conn = conn
@@ -136,6 +147,7 @@ class GroupCommit:
             self._reserve_one,
             max_batch,
             max_inflight,
+            on_batch,
         )
         self._settles: _Lane[SettleRequest, Settlement] = _Lane(
             "settle",
@@ -143,6 +155,7 @@ class GroupCommit:
             self._settle_one,
             max_batch,
             max_inflight,
+            on_batch,
         )
         self._releases: set[asyncio.Task[None]] = set()
 
