@@ -82,6 +82,9 @@ class _Lane(Generic[Req, Res]):
         self.items += len(batch)
         if self.on_batch is not None:
             self.on_batch(self.name, len(batch))
+        if self.max_batch == 1:  # batching off: the single operations, as without a batcher
+            await self._run_singly(batch)
+            return
         try:
             outcomes = await self.run_batch(requests)
         except LedgerUnavailable as exc:
@@ -103,12 +106,7 @@ class _Lane(Generic[Req, Res]):
             await self._run_singly(batch)
             return
         for (_, future), outcome in zip(batch, outcomes, strict=True):
-            if future.done():
-                continue
-            if isinstance(outcome, LedgerError):
-                future.set_exception(outcome)
-            else:
-                future.set_result(outcome)
+            _settle_future(future, outcome)
 
     async def _run_singly(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
         for request, future in batch:
@@ -119,6 +117,15 @@ class _Lane(Generic[Req, Res]):
             else:
                 if not future.done():
                     future.set_result(result)
+
+
+def _settle_future(future: asyncio.Future[Res], outcome: Res | LedgerError) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, LedgerError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
 
 
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:

@@ -605,13 +605,13 @@ async def test_migration_0007_down_and_up_keeps_the_single_operations(
     await migrations.up(empty_db)
     await catalog_sync.seed(empty_db, config)
     assert await _has_batches(empty_db)
-    rolled_back = await migrations.down(empty_db, 1)
-    assert [m.version for m in rolled_back] == [7]
+    rolled_back = await migrations.down(empty_db, 2)  # 0008 (the check), then 0007
+    assert [m.version for m in rolled_back] == [8, 7]
     assert not await _has_batches(empty_db)
     await _single_operations_work(empty_db, "down")  # the 0004 functions are back
 
     applied = await migrations.up(empty_db)
-    assert [m.version for m in applied] == [7]
+    assert [m.version for m in applied] == [7, 8]
     assert await _has_batches(empty_db)
     await _single_operations_work(empty_db, "up")
     org = await new_org(empty_db, "free")
@@ -620,3 +620,19 @@ async def test_migration_0007_down_and_up_keeps_the_single_operations(
     )
     assert isinstance(batched, Reservation) and batched.spendable_micro == 19 * CREDIT
     assert await check_ledger(empty_db) == []
+
+
+async def test_group_commit_with_batches_of_one_calls_the_single_operations(
+    pool: asyncpg.Pool,
+) -> None:
+    """max_batch=1 (batching off, e.g. on Citus) goes through credit_reserve/credit_settle."""
+    org = await new_org(pool, "pro")
+    conn = RecordingConn(pool)
+    group = GroupCommit(conn, max_batch=1)
+    holds = await asyncio.gather(
+        *(group.reserve(HoldRequest(org.id, f"one-{i}", CREDIT, CREDIT, TTL_S)) for i in range(4))
+    )
+    await asyncio.gather(*(group.settle(SettleRequest(org.id, h.id, CREDIT // 2)) for h in holds))
+    assert conn.of("credit_reserve_batch") == [] and conn.of("credit_settle_batch") == []
+    assert len(conn.of("credit_reserve")) == 4 and len(conn.of("credit_settle")) == 4
+    assert await counts(pool, org.id) == (2 + 4, 4)  # allocation, welcome bonus, 4 charges

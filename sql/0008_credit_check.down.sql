@@ -1,0 +1,1 @@
+DROP FUNCTION credit_check(uuid);
