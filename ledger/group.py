@@ -82,7 +82,7 @@ class _Lane(Generic[Req, Res]):
         self.items += len(batch)
         if self.on_batch is not None:
             self.on_batch(self.name, len(batch))
-        if self.max_batch == 1:  # batching off: the single operations, as without a batcher
+        if len(batch) == 1:  # alone (or batching off): the single operation costs less
             await self._run_singly(batch)
             return
         try:
