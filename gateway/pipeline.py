@@ -3,7 +3,6 @@ authenticate → resolve and authorise → rate-limit → reserve → forward �
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -19,7 +18,6 @@ from gateway import auth, ratelimit
 from gateway.errors import InvalidRequest
 from gateway.services import Services
 from gateway.upstream.base import Target, Usage
-from ledger import reservations
 from ledger.reservations import (
     ChargeSnapshot,
     HoldRequest,
@@ -261,12 +259,9 @@ async def settle(services: Services, call: Call, attempt: Attempt, usage: Usage)
 
 
 async def release(services: Services, call: Call, reason: str) -> None:
-    """Give the hold back; shielded so a cancelled handler still releases."""
-    await asyncio.shield(
-        reservations.release(
-            services.pool, call.principal.organization_id, call.reservation.id, reason
-        )
-    )
+    """Give the hold back; a cancelled handler still releases, and shutdown waits for it
+    before the pool closes."""
+    await services.ledger.release(call.principal.organization_id, call.reservation.id, reason)
 
 
 def new_request_id() -> str:

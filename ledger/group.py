@@ -12,13 +12,16 @@ conflicting key, too few credits) fails alone. A batch that fails as a whole for
 an unreachable database is retried item by item, so that one bad item cannot fail the rest.
 
 A caller cancelled while its hold is being taken does not leave the hold behind: once the
-batch has committed, a granted hold nobody waits for any more is released.
+batch has committed, a granted hold nobody waits for any more is released. Releases (after
+a failed call) are not batched, but tracked like the rest: `drain`, at shutdown before the
+pool closes, waits for every one of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -164,7 +167,7 @@ class GroupCommit:
             max_inflight,
             on_batch,
         )
-        self._releases: set[asyncio.Task[None]] = set()
+        self._releases: set[asyncio.Task[Any]] = set()  # releases in flight, for drain
 
     async def reserve(self, request: HoldRequest) -> Reservation:
         """As `reservations.reserve`."""
@@ -178,6 +181,17 @@ class GroupCommit:
     async def settle(self, request: SettleRequest) -> Settlement:
         """As `reservations.settle`; the settlement goes ahead if the caller is cancelled."""
         return await asyncio.shield(self._settles.submit(request))
+
+    async def release(
+        self, organization_id: uuid.UUID, reservation_id: uuid.UUID, reason: str | None = None
+    ) -> reservations.Release:
+        """As `reservations.release` (not batched: it follows a failure); the release goes
+        ahead if the caller is cancelled, and `drain` waits for it."""
+        task = asyncio.get_running_loop().create_task(
+            reservations.release(self._conn, organization_id, reservation_id, reason)
+        )
+        self._track(task)
+        return await asyncio.shield(task)
 
     async def drain(self) -> None:
         """Wait for every queued and in-flight operation (at shutdown, before the pool goes)."""
@@ -228,7 +242,9 @@ class GroupCommit:
         hold = future.result()
         if hold.replayed or hold.status is not reservations.ReservationStatus.PENDING:
             return  # not this caller's to give back
-        task = asyncio.get_running_loop().create_task(self._release(hold))
+        self._track(asyncio.get_running_loop().create_task(self._release(hold)))
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
