@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -20,6 +21,8 @@ from gateway.upstream.base import (
     UpstreamTimeout,
     Usage,
 )
+
+DONE_GRACE_S = 1.0  # how long the rest of a stream may take to end after [DONE]
 
 
 class OpenAIClient:
@@ -55,6 +58,7 @@ class OpenAIClient:
                 await _check(resp)
                 async for data in sse.iter_data(resp.content):
                     if data == sse.DONE:
+                        await _finish_reading(resp)
                         return
                     yield _loads(data)
         # aiohttp's timeouts are also ClientConnectionErrors: catch them first
@@ -97,6 +101,17 @@ class OpenAIClient:
             headers=send,
             timeout=self._timeout,
         )
+
+
+async def _finish_reading(resp: aiohttp.ClientResponse) -> None:
+    """Read what follows [DONE] (the end of the chunked body), so that the connection goes
+    back to the pool instead of being closed: otherwise every stream would open a new one,
+    and against a real provider pay a new TLS handshake. An upstream that holds the stream
+    open after [DONE] gets DONE_GRACE_S, then its connection is closed."""
+    try:
+        await asyncio.wait_for(resp.read(), DONE_GRACE_S)
+    except (TimeoutError, aiohttp.ClientError):
+        resp.close()
 
 
 def _loads(data: bytes) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
+from gateway.app import create_app
 from gateway.config import Config
 from gateway.resources import METRICS
 from ledger import balances, reservations
@@ -23,14 +24,17 @@ from ledger.transactions import Transaction
 from policies.pricing import Rate, affordable_output_tokens, charge_micro, credits_text
 from policies.tokens import count_chat_prompt_tokens, count_text_tokens
 from tests.gateway.conftest import (
+    ADMIN_KEY,
     Gateway,
     Org,
     Upstream,
     consumption,
     drain_to,
     new_org,
+    pointed_at,
     reservation_rows,
     sandbox_app,
+    start,
 )
 
 PER_USD, FAST = Decimal(100), Decimal("1.0")
@@ -334,3 +338,59 @@ async def test_usage_chunk_credits_equal_the_ledger_entry_after_a_fallback(
     )
     after = await balances.get_balance(pool, org.id)
     assert before.available_micro - after.available_micro == expected
+
+
+def _late_ending_upstream(peers: list[Any]) -> web.Application:
+    """An OpenAI upstream whose stream ends a moment after [DONE] (as a real one can: the
+    chunked body's end in a later packet); it notes the caller's address per request."""
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1,
+                "model": "gpt-4o-mini"}  # fmt: skip
+        delta = {"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}
+        usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 1, "total_tokens": 0}
+        for event in ({**base, "choices": [delta]}, {**base, "choices": [], "usage": usage}):
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.05)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/openai/v1/chat/completions", chat)
+    return app
+
+
+async def test_streams_reuse_the_upstream_connection(
+    database_url: str, redis_url: str, test_config: Config, pool: asyncpg.Pool
+) -> None:
+    """Streams one after another travel on one pooled upstream connection: the end of the
+    body after [DONE] is read, so the connection is kept rather than closed (against a real
+    provider a new one costs a TLS handshake)."""
+    peers: list[Any] = []
+    fake = await start(_late_ending_upstream(peers))
+    app = create_app(
+        pointed_at(test_config, Upstream(str(fake.make_url("")).rstrip("/"), [])),
+        database_url=database_url,
+        redis_url=redis_url,
+        admin_key=ADMIN_KEY,
+    )
+    server = await start(app)
+    try:
+        gateway = Gateway(str(server.make_url("")).rstrip("/"), app)
+        org = await new_org(pool)
+        async with sdk(gateway, org.key) as client:
+            for _ in range(4):
+                chunks = await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=MESSAGES, stream=True
+                )
+                async with chunks:
+                    assert [chunk async for chunk in chunks]
+    finally:
+        await server.close()
+        await fake.close()
+    assert len(peers) == 4 and None not in peers
+    assert len(set(peers)) == 1, peers
