@@ -118,8 +118,7 @@ class _Lane(Generic[Req, Res]):
             except Exception as exc:  # handed to the item's caller, not dropped
                 _fail(future, exc)
             else:
-                if not future.done():
-                    future.set_result(result)
+                _settle_future(future, result)
 
 
 def _settle_future(future: asyncio.Future[Res], outcome: Res | LedgerError) -> None:

@@ -128,7 +128,10 @@ async def reserve_batch(
         [r.model for r in requests],
         [r.request_id for r in requests],
     )
-    return [_reservation(request, row) for request, row in zip(requests, rows, strict=True)]
+    return [
+        _reservation(r.organization_id, r.minimum_micro, row)
+        for r, row in zip(requests, rows, strict=True)
+    ]
 
 
 async def settle_batch(
@@ -196,7 +199,7 @@ async def reserve(
         model,
         request_id,
     )
-    return _outcome(_reservation(HoldRequest(organization_id, key, minimum_micro, 0, 0), row))
+    return _outcome(_reservation(organization_id, minimum_micro, row))
 
 
 def _outcome(result: _T | LedgerError) -> _T:
@@ -205,16 +208,18 @@ def _outcome(result: _T | LedgerError) -> _T:
     return result
 
 
-def _reservation(request: HoldRequest, row: Any) -> Reservation | LedgerError:
+def _reservation(
+    organization_id: uuid.UUID, minimum_micro: int, row: Any
+) -> Reservation | LedgerError:
     error = _item_error(row)
     if error is not None:
         return error
     status = ReservationStatus(row["status"])
     if status is ReservationStatus.REJECTED:
-        return InsufficientCredits(request.minimum_micro, row["spendable_micro"])
+        return InsufficientCredits(minimum_micro, row["spendable_micro"])
     return Reservation(
         id=row["reservation_id"],
-        organization_id=request.organization_id,
+        organization_id=organization_id,
         status=status,
         amount_micro=row["amount_micro"],
         spendable_micro=row["spendable_micro"],

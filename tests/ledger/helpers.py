@@ -5,6 +5,7 @@ from __future__ import annotations
 import calendar
 import uuid
 from datetime import datetime
+from typing import Any
 
 from ledger import accounts, reservations, transactions
 from ledger.accounts import Organization
@@ -82,3 +83,15 @@ def add_months(at: datetime, months: int) -> datetime:
     year, month = divmod(index, 12)
     day = min(at.day, calendar.monthrange(year, month + 1)[1])
     return at.replace(year=year, month=month + 1, day=day)
+
+
+async def reservation_row(conn: Conn, org: uuid.UUID, key: str) -> dict[str, Any]:
+    """The reservation under `key`: status, amounts and release reason."""
+    row = await conn.fetchrow(
+        """SELECT status, amount_micro, charged_micro, release_reason
+             FROM credit_reservations WHERE organization_id = $1 AND idempotency_key = $2""",
+        org,
+        key,
+    )
+    assert row is not None
+    return dict(row)
