@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from bench._cli import percentile
 from bench._fake import MODEL
-from bench._servers import Child
+from bench._servers import Child, tree_cpu_s
 from ledger.check import Violation, check_ledger
 from policies.rate_limit import keys
 
@@ -35,6 +35,7 @@ class Endpoint:
     key: str
     responses: int = 0
     non_200: int = 0
+    pid: int | None = None  # the server's process (tree), whose CPU time each cell measures
 
 
 @dataclass
@@ -47,6 +48,14 @@ class Cell:
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     rounds: list[float] = field(default_factory=list)  # req/s of each part absorbed
+    cpu_s: float | None = None  # CPU time the server's processes spent in the timed parts
+
+    @property
+    def cpu_ms_per_call(self) -> float | None:
+        """Server CPU per answered request: robust to the machine's other load, unlike req/s."""
+        if self.cpu_s is None or not self.latencies:
+            return None
+        return self.cpu_s * 1000 / len(self.latencies)
 
     @property
     def rate(self) -> float:
@@ -59,6 +68,8 @@ class Cell:
         self.errors += part.errors
         self.error_samples += [p for p in part.error_samples if p not in self.error_samples]
         self.rounds.append(part.rate)
+        if part.cpu_s is not None:
+            self.cpu_s = (self.cpu_s or 0.0) + part.cpu_s
 
     def ms(self, q: float) -> float:
         return percentile(self.latencies, q) * 1000 if self.latencies else float("nan")
@@ -168,7 +179,11 @@ async def measure(
     async with client_session(concurrency) as session:
         warm = Cell(endpoint.name, cell.mode, concurrency)
         await drive(session, endpoint, stream, warm, warmup_s)
+        before = tree_cpu_s(endpoint.pid)
         await drive(session, endpoint, stream, cell, seconds)
+        after = tree_cpu_s(endpoint.pid)
+    if before is not None and after is not None:
+        cell.cpu_s = after - before
     cell.errors += warm.errors
     cell.error_samples += [p for p in warm.error_samples if p not in cell.error_samples]
     return cell
@@ -198,12 +213,13 @@ async def measure_in_turns(
 def print_table(cells: Sequence[Cell]) -> None:
     print()
     head = f"{'target':<10} {'mode':<6} {'conc':>4} {'requests':>8} {'errors':>6}"
-    print(f"{head} {'req/s':>8} {'rounds':>11} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{head} {'req/s':>8} {'rounds':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10}")
     for c in cells:
         spread = f"{min(c.rounds):.0f}-{max(c.rounds):.0f}" if c.rounds else "-"
         print(
             f"{c.target:<10} {c.mode:<6} {c.concurrency:>4} {len(c.latencies):>8} {c.errors:>6} "
-            f"{c.rate:>8.0f} {spread:>11} {c.ms(0.5):>8.2f} {c.ms(0.99):>8.2f}"
+            f"{c.rate:>8.0f} {spread:>11} {c.ms(0.5):>8.2f} {c.ms(0.99):>8.2f} "
+            f"{text(c.cpu_ms_per_call, '.3f'):>10}"
         )
     print()
 

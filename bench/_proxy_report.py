@@ -78,13 +78,16 @@ def print_limits(out: Outcome, concurrency: Sequence[int]) -> None:
 def print_summary(out: Outcome, low: int, high: int) -> None:
     print()
     print(f"summary: req/s at concurrency {high}; p50 overhead over direct at concurrency {low};")
-    print("         RSS of the whole process tree after load; spawn to first good answer")
+    print("         RSS of the whole process tree after load; spawn to first good answer;")
+    print(f"         server CPU ms per answered request at concurrency {high} (direct: the fake's)")
     print(
         f"{'target':<10} {'plain req/s':>11} {'stream req/s':>12} {'plain +ms':>9} "
-        f"{'stream +ms':>10} {'RSS MiB':>7} {'start s':>7}"
+        f"{'stream +ms':>10} {'RSS MiB':>7} {'start s':>7} {'cpu plain':>9} {'cpu stream':>10}"
     )
     for name in ("direct", *out.gateways, "litellm"):
-        rates = [cell.rate if (cell := find(out.cells, name, m, high)) else None for m in MODES]
+        cells = [find(out.cells, name, m, high) for m in MODES]
+        rates = [cell.rate if cell else None for cell in cells]
+        cpu = [cell.cpu_ms_per_call if cell else None for cell in cells]
         extra = [
             overhead(out.cells, name, m, low, 0.5) if name != "direct" else None for m in MODES
         ]
@@ -92,7 +95,8 @@ def print_summary(out: Outcome, low: int, high: int) -> None:
         print(
             f"{name:<10} {text(rates[0], '.0f'):>11} {text(rates[1], '.0f'):>12} "
             f"{text(extra[0], '+.2f'):>9} {text(extra[1], '+.2f'):>10} "
-            f"{text(mem.rss / MIB if mem else None, '.0f'):>7} {text(start, '.2f'):>7}"
+            f"{text(mem.rss / MIB if mem else None, '.0f'):>7} {text(start, '.2f'):>7} "
+            f"{text(cpu[0], '.3f'):>9} {text(cpu[1], '.3f'):>10}"
         )
     parts = [
         f"{label} x{conc} {value:.2f}"

@@ -95,6 +95,23 @@ class Memory:
     processes: int
 
 
+def tree_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process and its descendants so far."""
+    if pid is None:
+        return None
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return None
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def tree_memory(pid: int) -> Memory:
     """The memory of a process and all its descendants."""
     try:

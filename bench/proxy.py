@@ -175,6 +175,7 @@ async def gateway(
         log = svc.home / f"{setup.name.replace(' ', '-')}.log"
         try:
             with spawned(setup.name, argv, env, log) as child:
+                endpoint.pid = child.process.pid
                 out.startup_s[setup.name] = await first_success(endpoint, child, START_TIMEOUT_S)
                 listening = await wait_listeners(child.process.pid, port, setup.workers)
                 if listening != setup.workers:
@@ -237,6 +238,7 @@ async def run_litellm(
     key = f"sk-{secrets.token_hex(32)}"
     endpoint = Endpoint("litellm", f"http://127.0.0.1:{port}/v1/chat/completions", key)
     with spawned("litellm", argv, litellm_env(key), home / "litellm.log") as child:
+        endpoint.pid = child.process.pid
         try:
             out.startup_s["litellm"] = await first_success(endpoint, child, START_TIMEOUT_S)
         except RuntimeError as exc:
@@ -283,7 +285,9 @@ async def run(args: argparse.Namespace) -> int:
         argv = [sys.executable, "-m", "bench._fake", str(port)]
         with spawned("fake upstream", argv, dict(os.environ), home / "fake.log") as child:
             await wait_port(port, child)
-            direct = Endpoint("direct", fake + "/chat/completions", "sk-direct")
+            direct = Endpoint(
+                "direct", fake + "/chat/completions", "sk-direct", pid=child.process.pid
+            )
             await load([direct], (False, True), args, out)
             await run_gateways(args, home, fake, out)
             if litellm:

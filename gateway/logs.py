@@ -3,15 +3,17 @@ answers and keys are never logged."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
 import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+
+from gateway import jsonio
 
 access_log = logging.getLogger("gateway.access")
 CALL_DETAILS = web.RequestKey("call_details", dict[str, Any])  # filled in by the pipeline
@@ -21,9 +23,14 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "at": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "at": self._at(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -31,7 +38,15 @@ class JsonFormatter(logging.Formatter):
         line.update(getattr(record, "fields", {}))
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return jsonio.dumps_text(line, default=str)
+
+    def _at(self, created: float) -> str:
+        """ISO 8601 in UTC to the millisecond; the part up to the second made once a second."""
+        second = int(created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((created - second) * 1000):03d}+00:00"
 
 
 class TextFormatter(logging.Formatter):
@@ -41,9 +56,56 @@ class TextFormatter(logging.Formatter):
         return text + ("  " + " ".join(f"{k}={v}" for k, v in fields.items()) if fields else "")
 
 
+class CoalescingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler whose lines, logged on an event loop, leave once per turn of the
+    loop, together: one write instead of one per request. Warnings and worse, lines logged
+    off the loop, and a backlog over MAX_PENDING_CHARS are written at once; `flush` (also
+    run at exit by logging.shutdown) writes whatever waits."""
+
+    MAX_PENDING_CHARS = 1 << 16
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._size = 0
+        self._flush_on: asyncio.AbstractEventLoop | None = None  # the loop a flush waits on
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        self._size += len(line)
+        if record.levelno >= logging.WARNING or self._size >= self.MAX_PENDING_CHARS:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if self._flush_on is not loop:  # none waiting on this loop (or on one long gone)
+            self._flush_on = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._flush_on = None
+            if not self._pending:
+                return
+            text, self._pending, self._size = "".join(self._pending), [], 0
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     """JSON lines, or readable text when stderr is a terminal."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = CoalescingStreamHandler(sys.stderr)
     if sys.stderr.isatty():
         handler.setFormatter(TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess
+import prometheus_client
+from prometheus_client import CollectorRegistry, multiprocess
 
 # seconds; the gateway's own overhead is sub-millisecond, upstream calls take seconds
 _LATENCY_BUCKETS = (
@@ -26,6 +28,35 @@ _LATENCY_BUCKETS = (
     60,
     120,
 )
+
+
+class _ChildCache:
+    """`labels(*values)` answered from a dict after the first time: prometheus_client
+    validates, converts and locks on every call, a few microseconds each, several times per
+    request. Every label value here comes from the configuration or a short fixed list, so
+    the cache stays as small as the metric's own children."""
+
+    _children: dict[tuple[Any, ...], Any]
+
+    def labels(self, *values: Any, **named: Any) -> Any:
+        if named:
+            return super().labels(*values, **named)  # type: ignore[misc]
+        try:
+            return self._children[values]
+        except AttributeError:
+            self._children = {}
+        except KeyError:
+            pass
+        child = self._children[values] = super().labels(*values)  # type: ignore[misc]
+        return child
+
+
+class Counter(_ChildCache, prometheus_client.Counter):
+    pass
+
+
+class Histogram(_ChildCache, prometheus_client.Histogram):
+    pass
 
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `serve --workers N` for every worker

@@ -4,8 +4,8 @@ authenticate → resolve and authorise → rate-limit → reserve → forward �
 from __future__ import annotations
 
 import json
+import os
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -72,12 +72,17 @@ class Call:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     try:
-        body = json.loads(await request.read())
+        # the standard library: integers of any size stay exact; NaN and Infinity are not JSON
+        body = json.loads(await request.read(), parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return body
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def client_limit(body: dict[str, Any]) -> int | None:
@@ -265,4 +270,4 @@ async def release(services: Services, call: Call, reason: str) -> None:
 
 
 def new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex}"
+    return f"req_{os.urandom(16).hex()}"  # as random as uuid4, a third of its cost

@@ -4,14 +4,13 @@ answer (whole or streamed), and settle or release whatever happens."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from typing import Any
 
 from aiohttp import web
 
-from gateway import outcomes, pipeline, streaming
+from gateway import jsonio, outcomes, pipeline, streaming
 from gateway.auth import Principal, authenticate
 from gateway.errors import DuplicateRequest, IdempotencyKeyReused, InvalidRequest
 from gateway.logs import CALL_DETAILS
@@ -115,7 +114,7 @@ async def _complete(services: Services, call: Call) -> web.Response:
     headers["X-Credits-Used"] = credits_text(settlement.charged_micro or 0)
     headers["X-Balance-Remaining"] = credits_text(settlement.available_micro)
     outcomes.observe(services, call, attempt, "200")
-    body = completion.raw if completion.raw is not None else json.dumps(completion.body).encode()
+    body = completion.raw if completion.raw is not None else jsonio.dumps(completion.body)
     return web.Response(body=body, headers=headers, content_type="application/json")
 
 

@@ -92,7 +92,11 @@ def run_worker(worker: Worker) -> None:
     server.shutdown_timeout_s), settle or release what is left, close the pools."""
     configure_logging()
     _fast_event_loop()
-    asyncio.run(_serve_until_stopped(worker))
+    try:
+        asyncio.run(_serve_until_stopped(worker))
+    finally:
+        for handler in logging.getLogger().handlers:  # a spawned worker skips logging's atexit
+            handler.flush()
 
 
 async def _serve_until_stopped(worker: Worker) -> None:

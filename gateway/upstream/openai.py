@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
 
+from gateway import jsonio
 from gateway.upstream import sse
 from gateway.upstream.base import (
     Completion,
@@ -95,9 +95,7 @@ class OpenAIClient:
             send["Authorization"] = f"Bearer {target.api_key}"
         return self._session.post(
             target.api_base.rstrip("/") + path,
-            data=json.dumps(
-                {**payload, "model": target.upstream_model}, separators=(",", ":")
-            ).encode(),
+            data=jsonio.dumps({**payload, "model": target.upstream_model}),
             headers=send,
             timeout=self._timeout,
         )
@@ -116,7 +114,7 @@ async def _finish_reading(resp: aiohttp.ClientResponse) -> None:
 
 def _loads(data: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(data)
+        value = jsonio.loads(data)
     except ValueError:
         raise UpstreamProtocolError("the upstream sent something that is not JSON") from None
     if not isinstance(value, dict):

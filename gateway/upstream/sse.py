@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import StreamReader
+
+from gateway import jsonio
 
 DONE = b"[DONE]"
 
@@ -29,7 +30,7 @@ async def iter_data(content: StreamReader) -> AsyncIterator[bytes]:
 
 def encode(payload: dict[str, Any]) -> bytes:
     """One `data:` event for a JSON payload."""
-    return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + jsonio.dumps(payload) + b"\n\n"
 
 
 DONE_EVENT = b"data: [DONE]\n\n"
