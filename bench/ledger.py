@@ -264,6 +264,7 @@ async def measure_all(url: str, targets: Targets, args: argparse.Namespace) -> l
                 for kind, (sent, items) in group.stats().items()
             )
             print(f"  grouped x{concurrency}: operations per batch on average: {batches}")
+            await group.drain()  # its kept connections back, before the pool closes
     return results
 
 

@@ -15,6 +15,11 @@ A caller cancelled while its hold is being taken does not leave the hold behind:
 batch has committed, a granted hold nobody waits for any more is released. Releases (after
 a failed call) are not batched, but tracked like the rest: `drain`, at shutdown before the
 pool closes, waits for every one of them.
+
+Batches on a pool keep their connection between batches (at most one per batch in flight,
+and never more than half the pool): checking a connection out of asyncpg's pool and back
+costs about what a small batch does. A connection whose batch failed or was interrupted
+goes back to the pool, which replaces it if it broke.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import asyncpg
+
 from ledger import reservations
-from ledger.db import Conn
+from ledger.db import Conn, translated
 from ledger.errors import LedgerError, LedgerUnavailable
 from ledger.reservations import HoldRequest, Reservation, Settlement, SettleRequest
 
@@ -39,13 +46,59 @@ Res = TypeVar("Res")
 ABANDONED_RELEASE_REASON = "caller cancelled while the hold was taken"
 
 
+class _Connections:
+    """Where batches get their connection. From a pool: kept between batches, up to `keep`
+    idle; any other Conn (one connection, in tests and tools) is used as it is."""
+
+    def __init__(self, conn: Conn, keep: int) -> None:
+        self._conn = conn
+        self._pool = conn if isinstance(conn, asyncpg.Pool) else None
+        self._keep = 0 if self._pool is None else min(keep, self._pool.get_max_size() // 2)
+        self._idle: list[Any] = []
+
+    async def take(self) -> Conn:
+        if self._pool is None:
+            return self._conn
+        while self._idle:
+            conn = self._idle.pop()
+            if _alive(conn):
+                return conn  # type: ignore[no-any-return]
+            await self.give_back(conn, reusable=False)  # its server went: the pool replaces it
+        with translated():
+            return await self._pool.acquire()
+
+    async def give_back(self, conn: Conn, reusable: bool) -> None:
+        if self._pool is None:
+            return
+        held: Any = conn  # a pool's connection, given by take()
+        if reusable and len(self._idle) < self._keep and _alive(held):
+            self._idle.append(held)
+            return
+        with translated():
+            await self._pool.release(held)
+
+    async def close(self) -> None:
+        """Every kept connection back to the pool (before it closes)."""
+        while self._idle and self._pool is not None:
+            with translated():
+                await self._pool.release(self._idle.pop())
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:  # closed by its server: asyncpg gave it back to the pool
+        return False
+
+
 @dataclass
 class _Lane(Generic[Req, Res]):
     """One kind of operation: its queue and the batches of it in flight."""
 
     name: str
-    run_batch: Callable[[Sequence[Req]], Awaitable[list[Res | LedgerError]]]
-    run_one: Callable[[Req], Awaitable[Res]]
+    run_batch: Callable[[Conn, Sequence[Req]], Awaitable[list[Res | LedgerError]]]
+    run_one: Callable[[Conn, Req], Awaitable[Res]]
+    connections: _Connections
     max_batch: int
     max_inflight: int
     on_batch: Callable[[str, int], None] | None
@@ -80,20 +133,32 @@ class _Lane(Generic[Req, Res]):
         self._launch()
 
     async def _run(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
-        requests = [request for request, _ in batch]
         self.batches += 1
         self.items += len(batch)
         if self.on_batch is not None:
             self.on_batch(self.name, len(batch))
-        if len(batch) == 1:  # alone (or batching off): the single operation costs less
-            await self._run_singly(batch)
-            return
         try:
-            outcomes = await self.run_batch(requests)
-        except LedgerUnavailable as exc:
+            conn = await self.connections.take()
+        except Exception as exc:  # no connection: every item fails with the reason
             for _, future in batch:
                 _fail(future, exc)
             return
+        reusable = False
+        try:
+            reusable = await self._run_on(conn, batch)
+        finally:
+            await self.connections.give_back(conn, reusable)
+
+    async def _run_on(self, conn: Conn, batch: list[tuple[Req, asyncio.Future[Res]]]) -> bool:
+        """Whether the connection is fit for the next batch."""
+        if len(batch) == 1:  # alone (or batching off): the single operation costs less
+            return await self._run_singly(conn, batch)
+        try:
+            outcomes = await self.run_batch(conn, [request for request, _ in batch])
+        except LedgerUnavailable as exc:
+            for _, future in batch:
+                _fail(future, exc)
+            return False
         except asyncio.CancelledError:  # at shutdown: nobody is left waiting
             for _, future in batch:
                 _fail(future, LedgerUnavailable(f"{self.name} batch interrupted"))
@@ -106,19 +171,49 @@ class _Lane(Generic[Req, Res]):
                 len(batch),
                 type(exc).__name__,
             )
-            await self._run_singly(batch)
-            return
+            return await self._run_singly(conn, batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             _settle_future(future, outcome)
+        return True
 
-    async def _run_singly(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
+    async def _run_singly(self, conn: Conn, batch: list[tuple[Req, asyncio.Future[Res]]]) -> bool:
+        reusable = True
         for request, future in batch:
             try:
-                result = await self.run_one(request)
+                result = await self.run_one(conn, request)
             except Exception as exc:  # handed to the item's caller, not dropped
+                # a refusal leaves the connection as it was; anything else may not have
+                reusable = reusable and isinstance(exc, LedgerError)
+                reusable = reusable and not isinstance(exc, LedgerUnavailable)
                 _fail(future, exc)
             else:
                 _settle_future(future, result)
+        return reusable
+
+
+async def _reserve_one(conn: Conn, request: HoldRequest) -> Reservation:
+    return await reservations.reserve(
+        conn,
+        request.organization_id,
+        request.key,
+        minimum_micro=request.minimum_micro,
+        requested_micro=request.requested_micro,
+        ttl_s=request.ttl_s,
+        capability=request.capability,
+        quality=request.quality,
+        model=request.model,
+        request_id=request.request_id,
+    )
+
+
+async def _settle_one(conn: Conn, request: SettleRequest) -> Settlement:
+    return await reservations.settle(
+        conn,
+        request.organization_id,
+        request.reservation_id,
+        request.charge_micro,
+        request.snapshot,
+    )
 
 
 def _settle_future(future: asyncio.Future[Res], outcome: Res | LedgerError) -> None:
@@ -150,18 +245,21 @@ class GroupCommit:
         if max_batch < 1 or max_inflight < 1:
             raise ValueError("max_batch and max_inflight must be at least 1")
         self._conn = conn
+        self._connections = _Connections(conn, keep=2 * max_inflight)
         self._reserves: _Lane[HoldRequest, Reservation] = _Lane(
             "reserve",
-            lambda requests: reservations.reserve_batch(conn, requests),
-            self._reserve_one,
+            reservations.reserve_batch,
+            _reserve_one,
+            self._connections,
             max_batch,
             max_inflight,
             on_batch,
         )
         self._settles: _Lane[SettleRequest, Settlement] = _Lane(
             "settle",
-            lambda requests: reservations.settle_batch(conn, requests),
-            self._settle_one,
+            reservations.settle_batch,
+            _settle_one,
+            self._connections,
             max_batch,
             max_inflight,
             on_batch,
@@ -202,6 +300,7 @@ class GroupCommit:
             ]
             queued = self._reserves.queue or self._settles.queue
             if not pending and not queued:
+                await self._connections.close()
                 return
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
@@ -211,29 +310,6 @@ class GroupCommit:
     def stats(self) -> dict[str, tuple[int, int]]:
         """(batches, operations) sent so far, by kind."""
         return {lane.name: (lane.batches, lane.items) for lane in (self._reserves, self._settles)}
-
-    async def _reserve_one(self, request: HoldRequest) -> Reservation:
-        return await reservations.reserve(
-            self._conn,
-            request.organization_id,
-            request.key,
-            minimum_micro=request.minimum_micro,
-            requested_micro=request.requested_micro,
-            ttl_s=request.ttl_s,
-            capability=request.capability,
-            quality=request.quality,
-            model=request.model,
-            request_id=request.request_id,
-        )
-
-    async def _settle_one(self, request: SettleRequest) -> Settlement:
-        return await reservations.settle(
-            self._conn,
-            request.organization_id,
-            request.reservation_id,
-            request.charge_micro,
-            request.snapshot,
-        )
 
     def _release_abandoned(self, future: asyncio.Future[Reservation]) -> None:
         if future.cancelled() or future.exception() is not None:

@@ -288,3 +288,48 @@ async def test_group_commit_with_batches_of_one_calls_the_single_operations(
     assert conn.of("credit_reserve_batch") == [] and conn.of("credit_settle_batch") == []
     assert len(conn.of("credit_reserve")) == 4 and len(conn.of("credit_settle")) == 4
     assert await counts(pool, org.id) == (2 + 4, 4)  # allocation, welcome bonus, 4 charges
+
+
+async def test_group_commit_keeps_its_connections_between_batches(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    """A connection per batch in flight stays out of the pool, reused, at most half the
+    pool; drain gives them back."""
+    org = await new_org(pool, "pro")
+    async with asyncpg.create_pool(database_url, min_size=6, max_size=6) as own:
+        gc = GroupCommit(own, max_inflight=4)
+        for n in range(5):  # one after the other: one connection, used again and again
+            held = await gc.reserve(HoldRequest(org.id, f"one-{n}", CREDIT, CREDIT, TTL_S))
+            await gc.settle(SettleRequest(org.id, held.id, CREDIT // 2))
+        assert own.get_idle_size() == 5
+        # a burst: batches in flight at once, of which at most 6 // 2 are kept
+        await asyncio.gather(
+            *(gc.reserve(HoldRequest(org.id, f"burst-{n}", 1, 1, TTL_S)) for n in range(40))
+        )
+        assert own.get_idle_size() >= 3
+        await gc.drain()
+        assert own.get_idle_size() == 6
+    assert await counts(pool, org.id) == (2 + 5, 45)
+
+
+async def test_group_commit_replaces_a_kept_connection_that_died(
+    pool: asyncpg.Pool, database_url: str
+) -> None:
+    org = await new_org(pool, "pro")
+    settings = {"application_name": "kept-connection-test"}
+    async with asyncpg.create_pool(
+        database_url, min_size=2, max_size=2, server_settings=settings
+    ) as own:
+        gc = GroupCommit(own)
+        await gc.reserve(HoldRequest(org.id, "before", CREDIT, CREDIT, TTL_S))
+        killed = await pool.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'kept-connection-test'"
+        )
+        assert killed == 2
+        await asyncio.sleep(0.2)  # the clients see their connections closed
+        after = await gc.reserve(HoldRequest(org.id, "after", CREDIT, CREDIT, TTL_S))
+        assert after.status is PENDING
+        await gc.drain()
+        assert own.get_idle_size() == 2
+    assert (await reservation_row(pool, org.id, "after"))["status"] == "pending"
