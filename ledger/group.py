@@ -191,21 +191,6 @@ class _Lane(Generic[Req, Res]):
         return reusable
 
 
-async def _reserve_one(conn: Conn, request: HoldRequest) -> Reservation:
-    return await reservations.reserve(
-        conn,
-        request.organization_id,
-        request.key,
-        minimum_micro=request.minimum_micro,
-        requested_micro=request.requested_micro,
-        ttl_s=request.ttl_s,
-        capability=request.capability,
-        quality=request.quality,
-        model=request.model,
-        request_id=request.request_id,
-    )
-
-
 async def _settle_one(conn: Conn, request: SettleRequest) -> Settlement:
     return await reservations.settle(
         conn,
@@ -249,7 +234,7 @@ class GroupCommit:
         self._reserves: _Lane[HoldRequest, Reservation] = _Lane(
             "reserve",
             reservations.reserve_batch,
-            _reserve_one,
+            reservations.reserve_request,
             self._connections,
             max_batch,
             max_inflight,

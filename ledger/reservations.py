@@ -110,6 +110,22 @@ class SettleRequest:
     snapshot: ChargeSnapshot | None = None
 
 
+async def reserve_request(conn: Conn, request: HoldRequest) -> Reservation:
+    """`reserve` for one HoldRequest."""
+    return await reserve(
+        conn,
+        request.organization_id,
+        request.key,
+        minimum_micro=request.minimum_micro,
+        requested_micro=request.requested_micro,
+        ttl_s=request.ttl_s,
+        capability=request.capability,
+        quality=request.quality,
+        model=request.model,
+        request_id=request.request_id,
+    )
+
+
 async def reserve_batch(
     conn: Conn, requests: Sequence[HoldRequest]
 ) -> list[Reservation | LedgerError]:

@@ -59,18 +59,7 @@ _SETTLE_BATCH = (
 async def _alone(conn: Conn, r: HoldRequest) -> Reservation | LedgerError:
     """What `reservations.reserve` gives for one request: its hold or its error."""
     try:
-        return await reservations.reserve(
-            conn,
-            r.organization_id,
-            r.key,
-            minimum_micro=r.minimum_micro,
-            requested_micro=r.requested_micro,
-            ttl_s=r.ttl_s,
-            capability=r.capability,
-            quality=r.quality,
-            model=r.model,
-            request_id=r.request_id,
-        )
+        return await reservations.reserve_request(conn, r)
     except LedgerError as exc:
         return exc
 
