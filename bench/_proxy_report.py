@@ -23,6 +23,7 @@ class Outcome:
     gateways: list[str] = field(default_factory=list)  # gateway wN, in the order measured
     failures: list[str] = field(default_factory=list)  # the gateway's: the exit status
     notes: list[str] = field(default_factory=list)
+    ledger_floor_s: tuple[float, float] | None = None  # bench._seed.ledger_floor
 
 
 def print_overheads(out: Outcome, low: int) -> None:
@@ -34,6 +35,20 @@ def print_overheads(out: Outcome, low: int) -> None:
             if p50 is not None and p99 is not None:
                 parts.append(f"{mode} p50 {p50:+.2f} ms, p99 {p99:+.2f} ms")
         print(f"  {target:<10} " + ("; ".join(parts) or "not measured"))
+    if out.ledger_floor_s is not None:
+        pair, bare = (s * 1000 for s in out.ledger_floor_s)
+        print(
+            f"  floor under the gateway's: its hold + settlement alone {pair:.2f} ms p50 (two "
+            f"durable commits; a bare durable one-row UPDATE {bare:.2f} ms), same server"
+        )
+        for target in out.gateways:
+            parts = [
+                f"{mode} {extra - pair:+.2f} ms"
+                for mode in MODES
+                if (extra := overhead(out.cells, target, mode, low, 0.5)) is not None
+            ]
+            if parts:
+                print(f"  {target:<10} p50 overhead beyond that floor: " + ", ".join(parts))
 
 
 def print_ratios(out: Outcome, high: int) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import statistics
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import asyncpg
 
 from gateway.config import load_config
-from ledger import catalog_sync, migrations
+from ledger import catalog_sync, migrations, reservations
 from ledger.accounts import create_api_key, create_organization
 from ledger.transactions import TransactionType, post
 from tests.support import create_database, drop_database
@@ -111,3 +113,31 @@ async def seed_history(conn: asyncpg.Connection, organizations: list[uuid.UUID])
         TTL_S,
         CHARGE_MICRO,
     )
+
+
+async def ledger_floor(url: str, pairs: int = 300) -> tuple[float, float]:
+    """(hold + settlement, a bare durable one-row UPDATE): p50 seconds, one connection, on
+    an organization of its own. What two durable commits cost on this server, whatever the
+    gateway does: the floor under its overhead at concurrency 1."""
+    conn = await asyncpg.connect(url)
+    try:
+        [org] = await create_organizations(conn, 1)
+        await conn.execute("CREATE TABLE floor_probe (id int PRIMARY KEY, n bigint)")
+        await conn.execute("INSERT INTO floor_probe VALUES (1, 0)")
+        held, bare = [], []
+        for n in range(pairs + 20):  # the first 20 warm up
+            start = time.perf_counter()
+            hold = await reservations.reserve(
+                conn, org, f"floor-{n}", minimum_micro=HOLD_MICRO, requested_micro=HOLD_MICRO,
+                ttl_s=TTL_S,
+            )  # fmt: skip
+            await reservations.settle(conn, org, hold.id, CHARGE_MICRO)
+            middle = time.perf_counter()
+            await conn.execute("UPDATE floor_probe SET n = n + 1 WHERE id = 1")
+            if n >= 20:
+                held.append(middle - start)
+                bare.append(time.perf_counter() - middle)
+        await conn.execute("DROP TABLE floor_probe")
+        return statistics.median(held), statistics.median(bare)
+    finally:
+        await conn.close()

@@ -78,6 +78,7 @@ from bench._proxy_report import Outcome, print_report
 from bench._seed import (
     bench_database,
     create_organizations,
+    ledger_floor,
     postgres_settings,
     prepare_gateway,
     seed_history,
@@ -115,6 +116,7 @@ class Setup:
     name: str
     workers: int
     limits: bool = False
+    floor: bool = False  # also measure the ledger's floor on its database (bench._seed)
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ async def gateway(
     async with bench_database(svc.postgres_url) as url:
         org, key = await prepare_gateway(url, REPO / "config.yaml", PLAN, TOPUP_MICRO)
         await add_history(url)
+        if setup.floor:  # before the gateway runs: on the database its calls will meet
+            out.ledger_floor_s = await ledger_floor(url)
         prefix = f"gwbench{secrets.token_hex(4)}:"
         port = free_port()
         endpoint = Endpoint(setup.name, f"http://127.0.0.1:{port}/v1/chat/completions", key)
@@ -201,7 +205,7 @@ async def run_gateways(args: argparse.Namespace, home: Path, fake: str, out: Out
             embedded = redis_url != os.environ.get("REDIS_URL")
             out.notes.append(f"gateway Redis: {'embedded' if embedded else 'REDIS_URL'}")
             svc = Services(home, fake, postgres_url, redis_url)
-            setups = [Setup(f"gateway w{n}", n) for n in args.workers]
+            setups = [Setup(f"gateway w{n}", n, floor=i == 0) for i, n in enumerate(args.workers)]
             await run_group(setups, (False, True), args, svc, out)
             out.gateways += [setup.name for setup in setups]
             if args.limits:

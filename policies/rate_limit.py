@@ -103,9 +103,9 @@ class SlidingWindowLimiter:
         self, organization_id: uuid.UUID, capability: str, *, rpm: int | None, rpd: int | None
     ) -> Admission:
         """Log one request, or raise RateLimitExceeded (logging nothing) if a window is full."""
-        member = uuid.uuid4().hex
         if rpm is None and rpd is None:
-            return Admission(member)
+            return Admission("")  # nothing logged, nothing to give back
+        member = uuid.uuid4().hex
         result = await self._script(
             keys=keys(self._prefix, organization_id, capability),
             args=[self._clock(), member, rpm or 0, rpd or 0],
