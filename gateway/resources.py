@@ -22,6 +22,7 @@ from gateway.notifications import Notifier
 from gateway.ratelimit import RateLimiter
 from gateway.services import Services
 from gateway.upstream.base import Target, UpstreamClient
+from gateway.upstream.http1 import Http1Client
 from gateway.upstream.openai import OpenAIClient
 from gateway.upstream.translated import TranslatedClient
 from ledger.db import keep_session
@@ -95,7 +96,8 @@ async def redis_client(app: web.Application) -> AsyncIterator[None]:
 
 
 async def http_session(app: web.Application) -> AsyncIterator[None]:
-    """One pooled client session for every upstream call."""
+    """One pooled aiohttp session for Stripe, webhooks and the jobs (OpenAI-compatible
+    upstreams go through http1.Http1Client, made in `services`)."""
     connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
     async with aiohttp.ClientSession(
         connector=connector, read_bufsize=UPSTREAM_READ_BUFSIZE, auto_decompress=True
@@ -150,8 +152,12 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         "connect_timeout_s": config.server.upstream_connect_timeout_s,
     }
     translated = TranslatedClient(**timeouts)
+    http = Http1Client(
+        connect_timeout_s=config.server.upstream_connect_timeout_s,
+        read_timeout_s=config.server.upstream_timeout_s,
+    )
     clients: dict[ProviderKind, UpstreamClient] = {
-        ProviderKind.OPENAI: OpenAIClient(app[HTTP_SESSION], **timeouts),
+        ProviderKind.OPENAI: OpenAIClient(http),
         ProviderKind.ANTHROPIC: translated,
         ProviderKind.GEMINI: translated,
     }
@@ -183,3 +189,4 @@ async def services(app: web.Application) -> AsyncIterator[None]:
     )
     yield
     await ledger.drain()  # the last settlements, before the pool closes
+    await http.close()

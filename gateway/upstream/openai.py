@@ -1,16 +1,15 @@
-"""OpenAI-compatible upstreams, proxied over the gateway's one pooled aiohttp session
-(no litellm on this path: a pooled request costs a fraction of its CPU)."""
+"""OpenAI-compatible upstreams, proxied over pooled keep-alive connections (http1: no
+litellm and no aiohttp client on this path, each costs several times its CPU)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
-
 from gateway import jsonio
-from gateway.upstream import sse
+from gateway.upstream import http1, sse
 from gateway.upstream.base import (
     Completion,
     Target,
@@ -26,17 +25,8 @@ DONE_GRACE_S = 1.0  # how long the rest of a stream may take to end after [DONE]
 
 
 class OpenAIClient:
-    def __init__(
-        self, session: aiohttp.ClientSession, *, timeout_s: float, connect_timeout_s: float
-    ):
-        self._session = session
-        # sock_read bounds the wait for the first byte and then for each chunk
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=connect_timeout_s,
-            sock_connect=connect_timeout_s,
-            sock_read=timeout_s,
-        )
+    def __init__(self, http: http1.Http1Client) -> None:
+        self._http = http
 
     async def chat(
         self, target: Target, body: dict[str, Any], headers: Mapping[str, str]
@@ -56,18 +46,13 @@ class OpenAIClient:
         try:
             async with self._post(target, "/chat/completions", payload, headers) as resp:
                 await _check(resp)
-                async for data in sse.iter_data(resp.content):
+                async for data in sse.iter_data(resp.iter_lines()):
                     if data == sse.DONE:
                         await _finish_reading(resp)
                         return
                     yield _loads(data)
-        # aiohttp's timeouts are also ClientConnectionErrors: catch them first
-        except TimeoutError:
-            raise UpstreamTimeout("no data from the upstream within the timeout") from None
-        except aiohttp.ClientPayloadError as exc:
-            raise UpstreamConnectError(f"stream broken: {exc}") from None
-        except aiohttp.ClientConnectionError as exc:
-            raise UpstreamConnectError(str(exc) or type(exc).__name__) from None
+        except http1.HttpError as exc:
+            raise _upstream_error(exc, streaming=True) from None
 
     async def _complete(
         self, target: Target, path: str, body: dict[str, Any], headers: Mapping[str, str]
@@ -76,11 +61,9 @@ class OpenAIClient:
             async with self._post(target, path, body, headers) as resp:
                 await _check(resp)
                 raw = await resp.read()
-                data = _loads(raw)
-        except TimeoutError:  # before ClientConnectionError: aiohttp's timeouts are both
-            raise UpstreamTimeout("no answer from the upstream within the timeout") from None
-        except aiohttp.ClientConnectionError as exc:
-            raise UpstreamConnectError(str(exc) or type(exc).__name__) from None
+        except http1.HttpError as exc:
+            raise _upstream_error(exc, streaming=False) from None
+        data = _loads(raw)
         usage = data.get("usage")
         if not isinstance(usage, dict) or not isinstance(usage.get("prompt_tokens"), int):
             raise UpstreamProtocolError("the upstream's answer carries no usage")
@@ -89,27 +72,33 @@ class OpenAIClient:
 
     def _post(
         self, target: Target, path: str, payload: dict[str, Any], headers: Mapping[str, str]
-    ) -> Any:
-        send = {"Content-Type": "application/json", **headers}
+    ) -> contextlib.AbstractAsyncContextManager[http1.Response]:
+        send = [("Content-Type", "application/json"), *headers.items()]
         if target.api_key:
-            send["Authorization"] = f"Bearer {target.api_key}"
-        return self._session.post(
-            target.api_base.rstrip("/") + path,
-            data=jsonio.dumps({**payload, "model": target.upstream_model}),
-            headers=send,
-            timeout=self._timeout,
-        )
+            send.append(("Authorization", f"Bearer {target.api_key}"))
+        body = jsonio.dumps({**payload, "model": target.upstream_model})
+        return self._http.post(target.api_base.rstrip("/") + path, body, send)
 
 
-async def _finish_reading(resp: aiohttp.ClientResponse) -> None:
+def _upstream_error(exc: http1.HttpError, *, streaming: bool) -> UpstreamError:
+    if isinstance(exc, http1.ReadTimeout):
+        what = "data" if streaming else "answer"
+        return UpstreamTimeout(f"no {what} from the upstream within the timeout")
+    if isinstance(exc, http1.BadResponse):
+        return UpstreamProtocolError(str(exc))
+    if streaming and isinstance(exc, http1.ConnectionBroken):
+        return UpstreamConnectError(f"stream broken: {exc}")
+    return UpstreamConnectError(str(exc))
+
+
+async def _finish_reading(resp: http1.Response) -> None:
     """Read what follows [DONE] (the end of the chunked body), so that the connection goes
     back to the pool instead of being closed: otherwise every stream would open a new one,
     and against a real provider pay a new TLS handshake. An upstream that holds the stream
     open after [DONE] gets DONE_GRACE_S, then its connection is closed."""
-    try:
-        await asyncio.wait_for(resp.read(), DONE_GRACE_S)
-    except (TimeoutError, aiohttp.ClientError):
-        resp.close()
+    with contextlib.suppress(TimeoutError, http1.HttpError):
+        async with asyncio.timeout(DONE_GRACE_S):
+            await resp.read()
 
 
 def _loads(data: bytes) -> dict[str, Any]:
@@ -122,15 +111,15 @@ def _loads(data: bytes) -> dict[str, Any]:
     return value
 
 
-async def _check(resp: aiohttp.ClientResponse) -> None:
+async def _check(resp: http1.Response) -> None:
     if resp.status < 400:
         return
     message = f"upstream answered {resp.status}"
     try:
-        detail = (await resp.json(content_type=None)).get("error", {}).get("message")
+        detail = jsonio.loads(await resp.read()).get("error", {}).get("message")
         if isinstance(detail, str):
             message = f"{message}: {detail}"
-    except (ValueError, AttributeError, aiohttp.ClientError):
+    except (ValueError, AttributeError, http1.HttpError):
         pass
     raise UpstreamStatusError(message, status=resp.status)
 

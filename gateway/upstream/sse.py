@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
-
-from aiohttp import StreamReader
 
 from gateway import jsonio
 
 DONE = b"[DONE]"
 
 
-async def iter_data(content: StreamReader) -> AsyncIterator[bytes]:
-    """The `data:` payload of each event (multi-line data joined with newlines)."""
+async def iter_data(content: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """The `data:` payload of each event (multi-line data joined with newlines), from the
+    body's lines."""
     lines: list[bytes] = []
     async for raw in content:
         line = raw.rstrip(b"\r\n")
