@@ -23,7 +23,7 @@ class Outcome:
     gateways: list[str] = field(default_factory=list)  # gateway wN, in the order measured
     failures: list[str] = field(default_factory=list)  # the gateway's: the exit status
     notes: list[str] = field(default_factory=list)
-    ledger_floor_s: tuple[float, float] | None = None  # bench._seed.ledger_floor
+    ledger_floor_s: list[tuple[float, float]] = field(default_factory=list)  # before, after
 
 
 def print_overheads(out: Outcome, low: int) -> None:
@@ -35,12 +35,14 @@ def print_overheads(out: Outcome, low: int) -> None:
             if p50 is not None and p99 is not None:
                 parts.append(f"{mode} p50 {p50:+.2f} ms, p99 {p99:+.2f} ms")
         print(f"  {target:<10} " + ("; ".join(parts) or "not measured"))
-    if out.ledger_floor_s is not None:
-        pair, bare = (s * 1000 for s in out.ledger_floor_s)
+    if out.ledger_floor_s:
+        pairs = " / ".join(f"{p * 1000:.2f}" for p, _ in out.ledger_floor_s)
+        bares = " / ".join(f"{b * 1000:.2f}" for _, b in out.ledger_floor_s)
         print(
-            f"  floor under the gateway's: its hold + settlement alone {pair:.2f} ms p50 (two "
-            f"durable commits; a bare durable one-row UPDATE {bare:.2f} ms), same server"
+            f"  floor under the gateway's: its hold + settlement alone {pairs} ms p50 before / "
+            f"after its load (two durable commits; a bare durable one-row UPDATE {bares} ms)"
         )
+        pair = min(p for p, _ in out.ledger_floor_s) * 1000
         for target in out.gateways:
             parts = [
                 f"{mode} {extra - pair:+.2f} ms"
@@ -48,7 +50,7 @@ def print_overheads(out: Outcome, low: int) -> None:
                 if (extra := overhead(out.cells, target, mode, low, 0.5)) is not None
             ]
             if parts:
-                print(f"  {target:<10} p50 overhead beyond that floor: " + ", ".join(parts))
+                print(f"  {target:<10} p50 overhead beyond the lower floor: " + ", ".join(parts))
 
 
 def print_ratios(out: Outcome, high: int) -> None:

@@ -115,29 +115,30 @@ async def seed_history(conn: asyncpg.Connection, organizations: list[uuid.UUID])
     )
 
 
-async def ledger_floor(url: str, pairs: int = 300) -> tuple[float, float]:
+async def ledger_floor(url: str, name: str, pairs: int = 300) -> tuple[float, float]:
     """(hold + settlement, a bare durable one-row UPDATE): p50 seconds, one connection, on
     an organization of its own. What two durable commits cost on this server, whatever the
     gateway does: the floor under its overhead at concurrency 1."""
     conn = await asyncpg.connect(url)
     try:
         [org] = await create_organizations(conn, 1)
-        await conn.execute("CREATE TABLE floor_probe (id int PRIMARY KEY, n bigint)")
-        await conn.execute("INSERT INTO floor_probe VALUES (1, 0)")
+        probe = f"floor_probe_{name}"
+        await conn.execute(f"CREATE TABLE {probe} (id int PRIMARY KEY, n bigint)")
+        await conn.execute(f"INSERT INTO {probe} VALUES (1, 0)")
         held, bare = [], []
         for n in range(pairs + 20):  # the first 20 warm up
             start = time.perf_counter()
+            key = f"floor-{name}-{n}"
             hold = await reservations.reserve(
-                conn, org, f"floor-{n}", minimum_micro=HOLD_MICRO, requested_micro=HOLD_MICRO,
-                ttl_s=TTL_S,
-            )  # fmt: skip
+                conn, org, key, minimum_micro=HOLD_MICRO, requested_micro=HOLD_MICRO, ttl_s=TTL_S
+            )
             await reservations.settle(conn, org, hold.id, CHARGE_MICRO)
             middle = time.perf_counter()
-            await conn.execute("UPDATE floor_probe SET n = n + 1 WHERE id = 1")
+            await conn.execute(f"UPDATE {probe} SET n = n + 1 WHERE id = 1")
             if n >= 20:
                 held.append(middle - start)
                 bare.append(time.perf_counter() - middle)
-        await conn.execute("DROP TABLE floor_probe")
+        await conn.execute(f"DROP TABLE {probe}")
         return statistics.median(held), statistics.median(bare)
     finally:
         await conn.close()

@@ -166,8 +166,8 @@ async def gateway(
     async with bench_database(svc.postgres_url) as url:
         org, key = await prepare_gateway(url, REPO / "config.yaml", PLAN, TOPUP_MICRO)
         await add_history(url)
-        if setup.floor:  # before the gateway runs: on the database its calls will meet
-            out.ledger_floor_s = await ledger_floor(url)
+        if setup.floor:  # before the gateway runs (and again after): the database it meets
+            out.ledger_floor_s.append(await ledger_floor(url, "before"))
         prefix = f"gwbench{secrets.token_hex(4)}:"
         port = free_port()
         endpoint = Endpoint(setup.name, f"http://127.0.0.1:{port}/v1/chat/completions", key)
@@ -191,6 +191,8 @@ async def gateway(
         errors = sum(c.errors for c in out.cells if c.target == setup.name)
         if errors and log_tail:
             out.notes.append(f"{setup.name} log tail:\n{log_tail}")
+        if setup.floor:
+            out.ledger_floor_s.append(await ledger_floor(url, "after"))
         expected = endpoint.responses if setup.limits else 0
         note, failures = await gateway_check(url, org, endpoint, errors, logged, expected)
         out.notes.append(note)
