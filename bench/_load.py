@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from bench._cli import percentile
 from bench._fake import MODEL
-from bench._servers import Child, tree_cpu_s
+from bench._servers import Child, postgres_cpu_s, tree_cpu_s
 from ledger.check import Violation, check_ledger
 from policies.rate_limit import keys
 
@@ -49,6 +49,7 @@ class Cell:
     error_samples: list[str] = field(default_factory=list)
     rounds: list[float] = field(default_factory=list)  # req/s of each part absorbed
     cpu_s: float | None = None  # CPU time the server's processes spent in the timed parts
+    db_cpu_s: float = 0.0  # and PostgreSQL's (its backends exit with their connections)
 
     @property
     def cpu_ms_per_call(self) -> float | None:
@@ -56,6 +57,10 @@ class Cell:
         if self.cpu_s is None or not self.latencies:
             return None
         return self.cpu_s * 1000 / len(self.latencies)
+
+    @property
+    def db_ms_per_call(self) -> float | None:
+        return self.db_cpu_s * 1000 / len(self.latencies) if self.latencies else None
 
     @property
     def rate(self) -> float:
@@ -70,6 +75,7 @@ class Cell:
         self.rounds.append(part.rate)
         if part.cpu_s is not None:
             self.cpu_s = (self.cpu_s or 0.0) + part.cpu_s
+        self.db_cpu_s += part.db_cpu_s
 
     def ms(self, q: float) -> float:
         return percentile(self.latencies, q) * 1000 if self.latencies else float("nan")
@@ -179,9 +185,9 @@ async def measure(
     async with client_session(concurrency) as session:
         warm = Cell(endpoint.name, cell.mode, concurrency)
         await drive(session, endpoint, stream, warm, warmup_s)
-        before = tree_cpu_s(endpoint.pid)
+        before, db_before = tree_cpu_s(endpoint.pid), postgres_cpu_s()
         await drive(session, endpoint, stream, cell, seconds)
-        after = tree_cpu_s(endpoint.pid)
+        after, cell.db_cpu_s = tree_cpu_s(endpoint.pid), postgres_cpu_s() - db_before
     if before is not None and after is not None:
         cell.cpu_s = after - before
     cell.errors += warm.errors
@@ -213,13 +219,16 @@ async def measure_in_turns(
 def print_table(cells: Sequence[Cell]) -> None:
     print()
     head = f"{'target':<10} {'mode':<6} {'conc':>4} {'requests':>8} {'errors':>6}"
-    print(f"{head} {'req/s':>8} {'rounds':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10}")
+    print(
+        f"{head} {'req/s':>8} {'rounds':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} "
+        f"{'db ms/req':>9}"
+    )
     for c in cells:
         spread = f"{min(c.rounds):.0f}-{max(c.rounds):.0f}" if c.rounds else "-"
         print(
             f"{c.target:<10} {c.mode:<6} {c.concurrency:>4} {len(c.latencies):>8} {c.errors:>6} "
             f"{c.rate:>8.0f} {spread:>11} {c.ms(0.5):>8.2f} {c.ms(0.99):>8.2f} "
-            f"{text(c.cpu_ms_per_call, '.3f'):>10}"
+            f"{text(c.cpu_ms_per_call, '.3f'):>10} {text(c.db_ms_per_call, '.3f'):>9}"
         )
     print()
 

@@ -112,6 +112,19 @@ def tree_cpu_s(pid: int | None) -> float | None:
     return total
 
 
+def postgres_cpu_s() -> float:
+    """User + system CPU seconds of every PostgreSQL process of this machine so far (the
+    server the gateways use; the bench runs one)."""
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] not in ("postgres", "postgres.bin"):
+            continue
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def tree_memory(pid: int) -> Memory:
     """The memory of a process and all its descendants."""
     try:
