@@ -46,9 +46,12 @@ class Notifier:
     async def after_charge(
         self, conn: Conn, organization_id: uuid.UUID, settlement: Settlement
     ) -> None:
+        crossed = thresholds(settlement, self.ratio)
+        if not crossed:
+            return
         now = datetime.now(UTC)
         today = now.date()
-        for threshold in thresholds(settlement, self.ratio):
+        for threshold in crossed:
             marker = (str(organization_id), threshold, today.isoformat())
             if marker in self.seen:
                 continue

@@ -97,10 +97,11 @@ class _Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._error: HttpError | None = None
         self._paused = False
+        # one parser for the connection's life: llhttp starts on the next answer by itself
+        self._parser = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
-        self._parser = httptools.HttpResponseParser(self)
         self.status = 0
         self.headers: dict[str, str] = {}
         self._header_names: list[bytes] = []
