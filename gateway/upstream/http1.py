@@ -424,6 +424,11 @@ class Http1Client:
             conn.abort()
             return
         idle = self._idle.setdefault(origin, [])
+        # the stack is used from its top: under steady traffic its bottom would stay idle
+        # (and open) forever, so those past keepalive_s are closed here
+        now = time.monotonic()
+        while idle and now - idle[0].idle_since > self._keepalive_s:
+            idle.pop(0).abort()
         if len(idle) >= MAX_IDLE_PER_ORIGIN:
             conn.abort()
             return

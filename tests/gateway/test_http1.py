@@ -36,6 +36,7 @@ class Server:
     def __init__(self, *replies: Reply) -> None:
         self.replies = list(replies)
         self.connections = 0
+        self.closed = 0
         self.heads: list[bytes] = []
         self.bodies: list[bytes] = []
 
@@ -60,6 +61,7 @@ class Server:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
+            self.closed += 1
             writer.close()
 
 
@@ -235,5 +237,22 @@ def test_a_connection_the_server_closed_while_idle_is_not_used(run: Any) -> None
             assert await post(http, url) == (200, b"two")
             await http.close()
         assert server.connections == 2
+
+    run(scenario())
+
+
+def test_connections_idle_past_keepalive_are_closed_under_steady_traffic(run: Any) -> None:
+    async def scenario() -> None:
+        server = Server(*[sized(b"ok") for _ in range(200)])
+        async with server as url:
+            http = http1.Http1Client(connect_timeout_s=2, read_timeout_s=5, keepalive_s=0.2)
+            await asyncio.gather(*(post(http, url) for _ in range(3)))  # three connections
+            assert server.connections == 3
+            for _ in range(8):  # one call at a time: only the top connection is used
+                assert await post(http, url) == (200, b"ok")
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)
+            assert server.connections == 3 and server.closed == 2  # the two left idle
+            await http.close()
 
     run(scenario())
