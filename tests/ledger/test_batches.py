@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
 
 import asyncpg
 import pytest
@@ -48,7 +47,6 @@ from tests.ledger.helpers import (
 
 CONSUMPTION = TransactionType.CONSUMPTION
 PENDING, SETTLED = ReservationStatus.PENDING, ReservationStatus.SETTLED
-_R = TypeVar("_R")
 
 _RESERVE_BATCH = "SELECT * FROM credit_reserve_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 _SETTLE_BATCH = (

@@ -40,13 +40,8 @@ from tests.ledger.helpers import (
 )
 
 CONSUMPTION = TransactionType.CONSUMPTION
-PENDING, SETTLED = ReservationStatus.PENDING, ReservationStatus.SETTLED
+PENDING = ReservationStatus.PENDING
 _R = TypeVar("_R")
-
-_RESERVE_BATCH = "SELECT * FROM credit_reserve_batch($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-_SETTLE_BATCH = (
-    "SELECT * FROM credit_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-)
 
 
 @dataclass(frozen=True)
