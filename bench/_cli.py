@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -20,6 +21,16 @@ def positive_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
     return list(dict.fromkeys(values))
+
+
+def event_loop() -> str:
+    """uvloop where it is installed, as the gateway's workers run (gateway.server); its name."""
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return f"uvloop {importlib.metadata.version('uvloop')}"
 
 
 def run_main(

@@ -4,20 +4,21 @@ latencies with their percentiles and ratios, and what a gateway left behind once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import asyncpg
 from redis.asyncio import Redis
 
 from bench._cli import percentile
 from bench._fake import MODEL
 from bench._servers import Child, postgres_cpu_s, tree_cpu_s
+from gateway.upstream.http1 import Http1Client, HttpError
 from ledger.check import Violation, check_ledger
 from policies.rate_limit import keys
 
@@ -50,6 +51,7 @@ class Cell:
     rounds: list[float] = field(default_factory=list)  # req/s of each part absorbed
     cpu_s: float | None = None  # CPU time the server's processes spent in the timed parts
     db_cpu_s: float = 0.0  # and PostgreSQL's (its backends exit with their connections)
+    client_cpu_s: float = 0.0  # and the load client's (this process)
 
     @property
     def cpu_ms_per_call(self) -> float | None:
@@ -61,6 +63,10 @@ class Cell:
     @property
     def db_ms_per_call(self) -> float | None:
         return self.db_cpu_s * 1000 / len(self.latencies) if self.latencies else None
+
+    @property
+    def client_ms_per_call(self) -> float | None:
+        return self.client_cpu_s * 1000 / len(self.latencies) if self.latencies else None
 
     @property
     def rate(self) -> float:
@@ -76,6 +82,7 @@ class Cell:
         if part.cpu_s is not None:
             self.cpu_s = (self.cpu_s or 0.0) + part.cpu_s
         self.db_cpu_s += part.db_cpu_s
+        self.client_cpu_s += part.client_cpu_s
 
     def ms(self, q: float) -> float:
         return percentile(self.latencies, q) * 1000 if self.latencies else float("nan")
@@ -132,16 +139,16 @@ def _problem(status: int, payload: bytes, stream: bool) -> str | None:
 
 
 async def call(
-    session: aiohttp.ClientSession, endpoint: Endpoint, body: bytes, stream: bool
+    session: Http1Client, endpoint: Endpoint, body: bytes, stream: bool
 ) -> tuple[float, str | None]:
     """One chat completion read to its end: (seconds, what was wrong or None)."""
-    headers = {"Authorization": f"Bearer {endpoint.key}", "Content-Type": "application/json"}
+    headers = (("Authorization", f"Bearer {endpoint.key}"), ("Content-Type", "application/json"))
     start = time.perf_counter()
     try:
-        async with session.post(endpoint.url, data=body, headers=headers) as resp:
+        async with session.post(endpoint.url, body, headers) as resp:
             payload = await resp.read()
             status = resp.status
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (HttpError, OSError) as exc:
         return time.perf_counter() - start, f"{type(exc).__name__}: {exc}"
     elapsed = time.perf_counter() - start
     endpoint.responses += 1
@@ -149,14 +156,19 @@ async def call(
     return elapsed, _problem(status, payload, stream)
 
 
-def client_session(concurrency: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=max(concurrency, 1), limit_per_host=0)
-    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
-    return aiohttp.ClientSession(connector=connector, timeout=timeout)
+@contextlib.asynccontextmanager
+async def client_session() -> AsyncIterator[Http1Client]:
+    """The load client: the gateway's own lean HTTP/1.1 client (a keep-alive connection per
+    worker), so that the client takes as little as it can of the CPU the servers share."""
+    client = Http1Client(connect_timeout_s=REQUEST_TIMEOUT_S, read_timeout_s=REQUEST_TIMEOUT_S)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 async def drive(
-    session: aiohttp.ClientSession, endpoint: Endpoint, stream: bool, cell: Cell, seconds: float
+    session: Http1Client, endpoint: Endpoint, stream: bool, cell: Cell, seconds: float
 ) -> None:
     """`cell.concurrency` workers calling back to back for `seconds`; results into `cell`."""
     body = request_body(stream)
@@ -182,11 +194,13 @@ async def measure(
 ) -> Cell:
     """A warm-up (untimed, its errors counted all the same), then the timed run."""
     cell = Cell(endpoint.name, "stream" if stream else "plain", concurrency)
-    async with client_session(concurrency) as session:
+    async with client_session() as session:
         warm = Cell(endpoint.name, cell.mode, concurrency)
         await drive(session, endpoint, stream, warm, warmup_s)
         before, db_before = tree_cpu_s(endpoint.pid), postgres_cpu_s()
+        client_before = time.process_time()
         await drive(session, endpoint, stream, cell, seconds)
+        cell.client_cpu_s = time.process_time() - client_before
         after, cell.db_cpu_s = tree_cpu_s(endpoint.pid), postgres_cpu_s() - db_before
     if before is not None and after is not None:
         cell.cpu_s = after - before
@@ -221,14 +235,15 @@ def print_table(cells: Sequence[Cell]) -> None:
     head = f"{'target':<10} {'mode':<6} {'conc':>4} {'requests':>8} {'errors':>6}"
     print(
         f"{head} {'req/s':>8} {'rounds':>11} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} "
-        f"{'db ms/req':>9}"
+        f"{'db ms/req':>9} {'client ms/req':>13}"
     )
     for c in cells:
         spread = f"{min(c.rounds):.0f}-{max(c.rounds):.0f}" if c.rounds else "-"
         print(
             f"{c.target:<10} {c.mode:<6} {c.concurrency:>4} {len(c.latencies):>8} {c.errors:>6} "
             f"{c.rate:>8.0f} {spread:>11} {c.ms(0.5):>8.2f} {c.ms(0.99):>8.2f} "
-            f"{text(c.cpu_ms_per_call, '.3f'):>10} {text(c.db_ms_per_call, '.3f'):>9}"
+            f"{text(c.cpu_ms_per_call, '.3f'):>10} {text(c.db_ms_per_call, '.3f'):>9} "
+            f"{text(c.client_ms_per_call, '.3f'):>13}"
         )
     print()
 
@@ -248,7 +263,7 @@ async def first_success(endpoint: Endpoint, child: Child, timeout_s: float) -> f
     """Seconds from the child's spawn to its first good chat completion."""
     body = request_body(False)
     deadline = time.monotonic() + timeout_s
-    async with client_session(1) as session:
+    async with client_session() as session:
         while time.monotonic() < deadline:
             if child.process.poll() is not None:
                 raise RuntimeError(f"{child.name} exited:\n{child.log_tail()}")

@@ -40,8 +40,11 @@ spawning to the first good answer (the database is migrated beforehand). The cli
 fake, the servers, PostgreSQL and Redis share this machine's few cores (a second worker
 competes with all of them), so absolute numbers describe this machine; compare ratios.
 ``cpu ms/req`` is the CPU time the server's processes (for direct: the fake's) spent per
-answered request in the timed parts, and ``db ms/req`` PostgreSQL's: unlike req/s they
-hardly move with the machine's other load, and they show where a proxy's cost lies. The
+answered request in the timed parts, ``db ms/req`` PostgreSQL's and ``client ms/req`` the
+load client's (this process, on uvloop with the gateway's own lean HTTP/1.1 client, a
+keep-alive connection per worker: whatever the client spends is taken from the servers it
+shares the cores with): unlike req/s they hardly move with the machine's other load, and
+they show where a proxy's cost lies. The
 "floor" under the overhead is the gateway's own hold + settlement run alone on one
 connection against its database, before and after its load: two durable commits that any
 durable ledger pays per call at concurrency 1.
@@ -67,10 +70,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 
-from bench._cli import new_parser, positive_list, run_main
+from bench._cli import event_loop, new_parser, positive_list, run_main
 from bench._litellm import ensure_litellm, litellm_config, litellm_env
 from bench._load import (
     Endpoint,
@@ -271,7 +273,8 @@ def print_header(args: argparse.Namespace, litellm: str | None) -> None:
         f"load average {os.getloadavg()[0]:.2f}"
     )
     print(
-        f"client    Python {platform.python_version()}, aiohttp {aiohttp.__version__}; "
+        f"client    Python {platform.python_version()} on {args.loop}, the gateway's HTTP/1.1 "
+        f"client; "
         f"LiteLLM {litellm or 'skipped'} (one process)"
     )
     print(
@@ -330,7 +333,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(run, parse_args(argv))
+    args = parse_args(argv)
+    args.loop = event_loop()
+    return run_main(run, args)
 
 
 if __name__ == "__main__":

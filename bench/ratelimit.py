@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import os
 import platform
 import random
@@ -51,7 +50,7 @@ from pathlib import Path
 import redis
 from redis.asyncio import Redis
 
-from bench._cli import new_parser, percentile, positive_list, run_main
+from bench._cli import event_loop, new_parser, percentile, positive_list, run_main
 from bench._servers import delete_prefix, redis_client, redis_url
 from gateway.config import load_config
 from policies.rate_limit import SlidingWindowLimiter, keys
@@ -319,16 +318,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.spread < 1 or args.seconds <= 0 or args.rounds < 1:
         parser.error("--spread, --seconds and --rounds must be positive")
     return args
-
-
-def event_loop() -> str:
-    """uvloop where it is installed, as the gateway's workers run (gateway.server)."""
-    try:
-        import uvloop
-    except ImportError:
-        return "asyncio"
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return f"uvloop {importlib.metadata.version('uvloop')}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
