@@ -13,6 +13,8 @@ from typing import Any
 
 from aiohttp import web
 
+from bench._cli import event_loop
+
 MODEL = "gpt-4o-mini"
 USAGE = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
 
@@ -74,6 +76,7 @@ def fake_upstream_app() -> web.Application:
 def main() -> None:
     port = int(sys.argv[1])
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    event_loop()  # uvloop, as the load client: the less the fake takes, the more the servers get
     web.run_app(fake_upstream_app(), host="127.0.0.1", port=port, print=None, access_log=None)
 
 
