@@ -40,6 +40,7 @@ class StreamedResponse(web.StreamResponse):
         self.captured: bytearray | None = bytearray() if capture else None
         self._pending = bytearray()
         self._writer: asyncio.Task[None] | None = None
+        self._writing = False  # the writer is waiting on a write
         self._broken = False
 
     async def send(self, data: bytes) -> None:
@@ -67,7 +68,15 @@ class StreamedResponse(web.StreamResponse):
             raise ConnectionResetError("the client has gone")
 
     async def write_eof(self, data: bytes = b"") -> None:
-        await self.flush()
+        """The end of the body leaves in one write with whatever is still queued (the final
+        usage and [DONE]), unless a write is under way: that one ends first."""
+        if self._writing:
+            await self.flush()
+        if self._broken:
+            raise ConnectionResetError("the client has gone")
+        if self._pending:  # the writer has not started: it will find nothing left
+            data = bytes(self._pending) + data
+            self._pending.clear()
         await super().write_eof(data)
 
     async def _write_pending(self) -> None:
@@ -75,7 +84,11 @@ class StreamedResponse(web.StreamResponse):
             while self._pending:
                 data = bytes(self._pending)
                 self._pending.clear()
-                await self.write(data)
+                self._writing = True
+                try:
+                    await self.write(data)
+                finally:
+                    self._writing = False
         except ConnectionResetError:
             self._broken = True
             self._pending.clear()
