@@ -2,13 +2,16 @@
 library, the standard library where it would not.
 
 `dumps` falls back to `json` for what orjson refuses (integers beyond 64 bits, non-string
-keys, lone surrogates). Request bodies are still parsed by `json` (exact integers of any
-size, passed upstream untouched); upstream answers and stream chunks by orjson, which reads
-an integer beyond 64 bits as a float (no OpenAI-compatible upstream sends one)."""
+keys, lone surrogates). `loads_request` (client bodies) gives what `json` gives: orjson
+reads an integer beyond 64 bits as a float, so a body with a run of 19 digits or more goes
+to `json`, as does one orjson refuses (lone surrogates, UTF-16, NaN: `json` then decides).
+Upstream answers and stream chunks are read by orjson alone (`loads`; no OpenAI-compatible
+upstream sends such integers)."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -33,3 +36,21 @@ def dumps_text(value: Any, default: Any = None) -> str:
 def loads(data: bytes | str) -> Any:
     """Raises ValueError on anything that is not JSON."""
     return orjson.loads(data)
+
+
+_LONG_NUMBER = re.compile(rb"[0-9]{19}")  # 18 digits always fit in 64 bits
+
+
+def loads_request(data: bytes) -> Any:
+    """As `json.loads` (NaN and Infinity refused): raises ValueError or UnicodeDecodeError on
+    anything that is not JSON; integers of any size exact."""
+    if not _LONG_NUMBER.search(data):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # the standard library's own verdict, and its message
+    return json.loads(data, parse_constant=_not_json)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")

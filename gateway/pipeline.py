@@ -3,7 +3,6 @@ authenticate → resolve and authorise → rate-limit → reserve → forward �
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import auth, ratelimit
+from gateway import auth, jsonio, ratelimit
 from gateway.errors import InvalidRequest
 from gateway.services import Services
 from gateway.upstream.base import Target, Usage
@@ -72,17 +71,12 @@ class Call:
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     try:
-        # the standard library: integers of any size stay exact; NaN and Infinity are not JSON
-        body = json.loads(await request.read(), parse_constant=_not_json)
+        body = jsonio.loads_request(await request.read())
     except (ValueError, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid JSON.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return body
-
-
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
 
 
 def client_limit(body: dict[str, Any]) -> int | None:

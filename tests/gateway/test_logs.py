@@ -10,10 +10,13 @@ import json
 import logging
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway import jsonio
 from gateway.logs import CoalescingStreamHandler, JsonFormatter
@@ -144,6 +147,41 @@ def _logger(handler: logging.Handler) -> logging.Logger:
 def test_dumps_keeps_what_orjson_cannot_hold() -> None:
     for value in ({"seed": 2**70}, {"a": "\ud800"}, {1: "non-string key"}, {"x": [1.5, "é"]}):
         assert json.loads(jsonio.dumps(value)) == json.loads(json.dumps(value))
+
+
+def _verdict(parse: Any, data: bytes) -> tuple[str, str]:
+    try:
+        return "ok", repr(parse(data))
+    except (ValueError, UnicodeDecodeError):
+        return "error", ""
+
+
+def _standard(data: bytes) -> Any:
+    def refuse(constant: str) -> Any:
+        raise ValueError(constant)
+
+    return json.loads(data, parse_constant=refuse)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+BODY_EDGES = [
+    b'{"seed": 123456789012345678901234567890}', b'{"a": -9223372036854775809}',
+    b'{"a": 18446744073709551615}', b'{"x": NaN}', b'{"x": -Infinity}', b'{"s": "\\ud800"}',
+    '{"a": "\u00e9"}'.encode("utf-16"), b'{"a": 1e400}', b'{"a": 1, "a": 2}', b"[1, 2",
+    b"\xef\xbb\xbf{}", b'{"n": 0.1000000000000000055511151231257827}', b"\xff", b"",
+]  # fmt: skip
+
+
+@given(JSON_VALUES)
+def test_request_bodies_parse_as_the_standard_library_parses_them(value: Any) -> None:
+    for data in (json.dumps(value).encode(), json.dumps(value, ensure_ascii=False).encode()):
+        assert _verdict(jsonio.loads_request, data) == _verdict(_standard, data)
+    for data in BODY_EDGES:
+        assert _verdict(jsonio.loads_request, data) == _verdict(_standard, data), data
 
 
 async def test_fields_the_gateway_does_not_read_reach_the_upstream_exactly(
