@@ -14,6 +14,10 @@ Targets, measured in one run:
   Off is ``team`` as configured (rpm/rpd null: no Redis call); on sets its
   ``question_generation`` rpm = rpd = 10**9, so every request runs the limiter's Lua script
   in Redis (``policies.rate_limit``) and none is refused;
+* baseline w1 (``--baseline REF``): the gateway as of git commit REF, one worker, checked
+  out into a temporary worktree and served beside the current code's gateways, taking turns
+  with them: an earlier version measured in the same run (its database migrated only as
+  far as its own migrations go);
 * litellm: the LiteLLM proxy (``litellm[proxy]`` from PyPI, in its own virtualenv under
   ``.gateway/bench-litellm-venv``, its default single process, no database, checking a
   master key, ``LITELLM_LOG=ERROR``).
@@ -63,10 +67,11 @@ import contextlib
 import os
 import platform
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +108,7 @@ from bench._servers import (
     wait_port,
     write_config,
 )
+from ledger import migrations
 from tests.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,6 +131,7 @@ class Setup:
     workers: int
     limits: bool = False
     floor: bool = False  # also measure the ledger's floor on its database (bench._seed)
+    source: Path | None = None  # another checkout of the gateway (--baseline); None: this one
 
 
 @dataclass(frozen=True)
@@ -173,6 +180,8 @@ async def gateway(
     """A gateway configuration served from a database of its own, checked once it stopped."""
     async with bench_database(svc.postgres_url) as url:
         org, key = await prepare_gateway(url, REPO / "config.yaml", PLAN, TOPUP_MICRO)
+        if setup.source is not None:
+            await roll_back_to(url, setup.source)
         await add_history(url)
         if setup.floor:  # before the gateway runs (and again after): the database it meets
             out.ledger_floor_s.append(await ledger_floor(url, "before"))
@@ -181,9 +190,12 @@ async def gateway(
         endpoint = Endpoint(setup.name, f"http://127.0.0.1:{port}/v1/chat/completions", key)
         limits = {CAPABILITY: {"rpm": HIGH_LIMIT, "rpd": HIGH_LIMIT}} if setup.limits else {}
         config = svc.home / f"{setup.name.replace(' ', '-')}.yaml"
-        write_config(REPO / "config.yaml", config, svc.fake, prefix, {PLAN: limits})
+        source = setup.source or REPO
+        write_config(source / "config.yaml", config, svc.fake, prefix, {PLAN: limits})
         argv = gateway_argv(config, port, setup.workers)
         env = gateway_env(svc.home, url, svc.redis_url)
+        if setup.source is not None:  # its packages before the installed (editable) ones
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
         log = svc.home / f"{setup.name.replace(' ', '-')}.log"
         try:
             with spawned(setup.name, argv, env, log) as child:
@@ -216,11 +228,42 @@ async def run_gateways(args: argparse.Namespace, home: Path, fake: str, out: Out
             out.notes.append(f"gateway Redis: {'embedded' if embedded else 'REDIS_URL'}")
             svc = Services(home, fake, postgres_url, redis_url)
             setups = [Setup(f"gateway w{n}", n, floor=i == 0) for i, n in enumerate(args.workers)]
-            await run_group(setups, (False, True), args, svc, out)
+            with baseline_checkout(args.baseline, home) as source:
+                if source is not None:
+                    setups.append(Setup("baseline w1", 1, source=source))
+                await run_group(setups, (False, True), args, svc, out)
             out.gateways += [setup.name for setup in setups]
             if args.limits:
                 limits = [Setup("limits off", 1), Setup("limits on", 1, limits=True)]
                 await run_group(limits, (False,), args, svc, out)
+
+
+@contextlib.contextmanager
+def baseline_checkout(ref: str | None, home: Path) -> Iterator[Path | None]:
+    """A worktree of the repository at `ref` (removed afterwards), or None without one."""
+    if ref is None:
+        yield None
+        return
+    path = home / "baseline"
+    git = ["git", "-C", str(REPO)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(path), ref], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(path)], check=False)
+
+
+async def roll_back_to(url: str, source: Path) -> None:
+    """Undo the migrations the checkout at `source` does not have (the newest ones)."""
+    theirs = {m.version for m in migrations.discover(source / "sql")}
+    newer = [m for m in migrations.discover() if m.version not in theirs]
+    if any(m.version < max(theirs) for m in newer):
+        raise RuntimeError(f"{source} lacks migrations older than its newest: cannot compare")
+    conn = await asyncpg.connect(url)
+    try:
+        await migrations.down(conn, len(newer))
+    finally:
+        await conn.close()
 
 
 async def run_group(
@@ -326,6 +369,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also the gateway (one worker) with rate limits on vs off",
     )
     parser.add_argument("--skip-litellm", action="store_true", help="no LiteLLM column")
+    parser.add_argument(
+        "--baseline", metavar="REF", help="also the gateway as of this git commit (one worker)"
+    )
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.rounds < 1:
         parser.error("--duration and --rounds must be positive")
