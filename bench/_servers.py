@@ -101,24 +101,21 @@ def tree_cpu_s(pid: int | None) -> float | None:
         return None
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        return _cpu_s([root, *root.children(recursive=True)])
     except psutil.NoSuchProcess:
         return None
-    total = 0.0
-    for proc in procs:
-        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
-            times = proc.cpu_times()
-            total += times.user + times.system
-    return total
 
 
 def postgres_cpu_s() -> float:
     """User + system CPU seconds of every PostgreSQL process of this machine so far (the
     server the gateways use; the bench runs one)."""
+    names = ("postgres", "postgres.bin")
+    return _cpu_s([p for p in psutil.process_iter(["name"]) if p.info["name"] in names])
+
+
+def _cpu_s(procs: list[psutil.Process]) -> float:
     total = 0.0
-    for proc in psutil.process_iter(["name"]):
-        if proc.info["name"] not in ("postgres", "postgres.bin"):
-            continue
+    for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
             times = proc.cpu_times()
             total += times.user + times.system

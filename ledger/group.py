@@ -191,16 +191,6 @@ class _Lane(Generic[Req, Res]):
         return reusable
 
 
-async def _settle_one(conn: Conn, request: SettleRequest) -> Settlement:
-    return await reservations.settle(
-        conn,
-        request.organization_id,
-        request.reservation_id,
-        request.charge_micro,
-        request.snapshot,
-    )
-
-
 def _settle_future(future: asyncio.Future[Res], outcome: Res | LedgerError) -> None:
     if future.done():
         return
@@ -243,7 +233,7 @@ class GroupCommit:
         self._settles: _Lane[SettleRequest, Settlement] = _Lane(
             "settle",
             reservations.settle_batch,
-            _settle_one,
+            reservations.settle_request,
             self._connections,
             max_batch,
             max_inflight,

@@ -126,6 +126,17 @@ async def reserve_request(conn: Conn, request: HoldRequest) -> Reservation:
     )
 
 
+async def settle_request(conn: Conn, request: SettleRequest) -> Settlement:
+    """`settle` for one SettleRequest."""
+    return await settle(
+        conn,
+        request.organization_id,
+        request.reservation_id,
+        request.charge_micro,
+        request.snapshot,
+    )
+
+
 async def reserve_batch(
     conn: Conn, requests: Sequence[HoldRequest]
 ) -> list[Reservation | LedgerError]:

@@ -80,9 +80,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         if self._error is not None or self.complete:
             return  # failed already, or idle between answers
         if self.headers_done and not self._framed and exc is None:
@@ -190,9 +188,7 @@ class Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         if self.transport is not None:
             self.transport.abort()
 
@@ -206,9 +202,12 @@ class Connection(asyncio.Protocol):
             and self._keep_alive
         )
 
-    def park(self) -> None:
-        """Between calls: no timer, and the time it went idle."""
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def park(self) -> None:
+        """Between calls: no timer, and the time it went idle."""
+        self._stop_timer()
         self.idle_since = time.monotonic()
