@@ -33,7 +33,10 @@ class StreamedResponse(web.StreamResponse):
 
     Events are written by a task of their own: those the relay passes on while it still has
     more at hand (an upstream burst, the final usage and [DONE]) leave in one write, and so
-    one system call, instead of one each; an event that arrives alone leaves at once."""
+    one system call, instead of one each; an event that arrives alone leaves at once. The
+    headers wait for the first of them, and leave in the same write."""
+
+    _send_headers_immediately = False  # aiohttp's switch (its Response's default)
 
     def __init__(self, *, capture: bool, headers: dict[str, str]) -> None:
         super().__init__(headers=headers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import psutil  # type: ignore[import-untyped]
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import server
 from gateway.config import Config
 from gateway.metrics import MULTIPROC_ENV
 from ledger import balances
@@ -185,3 +187,14 @@ async def idempotent_once_across_instances(
         assert again.text == original.text
     assert len(await consumption(pool, org)) == 1
     assert await reservation_statuses(pool, org) == {"settled": 1}
+
+
+def test_a_serving_worker_freezes_its_start_up_heap_and_collects_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        server._settle_heap()
+        assert gc.get_freeze_count() > 1000  # the modules' objects, at least
+        assert gc.get_threshold() == (server.GC_YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -48,7 +48,6 @@ __all__ = [
     "split_url",
 ]
 
-MAX_LINE = 1 << 24  # bytes in one line of a streamed body (an SSE event's data)
 MAX_IDLE_PER_ORIGIN = 256  # idle connections kept per upstream
 USER_AGENT = "llm-gateway"
 
@@ -78,7 +77,7 @@ def split_url(url: str) -> tuple[Origin, str]:
 
 
 class Response:
-    """An answer whose headers have arrived; its body is read with `read` or `iter_chunks`.
+    """An answer whose headers have arrived; its body is read with `read` or `next_chunk`.
     Leave the `async with` of `Http1Client.post` to give the connection back (or close it,
     if the body was not read to the end)."""
 
@@ -95,38 +94,34 @@ class Response:
             self._decoder = None
         else:
             raise BadResponse(f"unsupported Content-Encoding {encoding!r}")
+        self._ended = False
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.iter_chunks()])
+        parts = []
+        while (chunk := await self.next_chunk()) is not None:
+            parts.append(chunk)
+        return b"".join(parts)
 
-    async def iter_chunks(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._conn.next_chunk()) is not None:
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body, decoded, as it arrives; None at its end. (A method,
+        not an async generator: one abandoned mid-body would be finalized by a task of the
+        event loop's, scheduled through a thread-safe wake-up, a system call.)"""
+        while not self._ended:
+            chunk = await self._conn.next_chunk()
+            if chunk is None:
+                self._ended = True
+                if self._decoder is not None and (rest := self._decoder.flush()):
+                    return bytes(rest)
+                return None
             if self._decoder is None:
-                yield chunk
-                continue
+                return chunk
             try:
                 data = self._decoder.decompress(chunk)
             except zlib.error as exc:
                 raise BadResponse(f"the body does not decompress: {exc}") from None
             if data:
-                yield data
-        if self._decoder is not None and (rest := self._decoder.flush()):
-            yield rest
-
-    async def iter_lines(self) -> AsyncIterator[bytes]:
-        """The body line by line, each with its line ending (the last may have none)."""
-        pending = b""
-        async for chunk in self.iter_chunks():
-            pending += chunk
-            start = 0
-            while (end := pending.find(b"\n", start)) >= 0:
-                yield pending[start : end + 1]
-                start = end + 1
-            pending = pending[start:]
-            if len(pending) > MAX_LINE:
-                raise BadResponse(f"a line of the body is longer than {MAX_LINE} bytes")
-        if pending:
-            yield pending
+                return bytes(data)
+        return None
 
 
 class Http1Client:

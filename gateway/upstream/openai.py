@@ -46,7 +46,8 @@ class OpenAIClient:
         try:
             async with self._post(target, "/chat/completions", payload, headers) as resp:
                 await _check(resp)
-                async for data in sse.iter_data(resp.iter_lines()):
+                events = sse.DataReader(resp.next_chunk)
+                while (data := await events.next()) is not None:
                     if data == sse.DONE:
                         await _finish_reading(resp)
                         return

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import uvloop
 
-from gateway.upstream import http1
+from gateway.upstream import http1, sse
 
 Reply = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
@@ -109,7 +109,7 @@ def test_answers_are_read_whole_and_the_connection_reused(run: Any) -> None:
     run(scenario())
 
 
-def test_chunked_bodies_stream_in_lines(run: Any) -> None:
+def test_chunked_bodies_stream_in_events(run: Any) -> None:
     events = [b"data: {}\n\n", b"data: [DONE]\n\n"]
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -125,8 +125,11 @@ def test_chunked_bodies_stream_in_lines(run: Any) -> None:
         async with server as url:
             http = client()
             async with http.post(url, b"{}", JSON) as resp:
-                lines = [line async for line in resp.iter_lines()]
-            assert lines == [b"data: {}\n", b"\n", b"data: [DONE]\n", b"\n"]
+                reader = sse.DataReader(resp.next_chunk)
+                events = []
+                while (event := await reader.next()) is not None:
+                    events.append(event)
+            assert events == [b"{}", b"[DONE]"]
             assert await post(http, url) == (200, b"next")
             await http.close()
         assert server.connections == 1
