@@ -96,6 +96,11 @@ class Response:
             raise BadResponse(f"unsupported Content-Encoding {encoding!r}")
         self._ended = False
 
+    @property
+    def received_all(self) -> bool:
+        """The whole answer has arrived: reading the rest of it will not wait."""
+        return self._conn.complete
+
     async def read(self) -> bytes:
         parts = []
         while (chunk := await self.next_chunk()) is not None:

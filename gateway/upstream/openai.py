@@ -96,7 +96,10 @@ async def _finish_reading(resp: http1.Response) -> None:
     """Read what follows [DONE] (the end of the chunked body), so that the connection goes
     back to the pool instead of being closed: otherwise every stream would open a new one,
     and against a real provider pay a new TLS handshake. An upstream that holds the stream
-    open after [DONE] gets DONE_GRACE_S, then its connection is closed."""
+    open after [DONE] gets DONE_GRACE_S, then its connection is closed. (Usually the end
+    came with [DONE]: then there is nothing to read, nor a timer to set.)"""
+    if resp.received_all:
+        return
     with contextlib.suppress(TimeoutError, http1.HttpError):
         async with asyncio.timeout(DONE_GRACE_S):
             await resp.read()

@@ -340,9 +340,9 @@ async def test_usage_chunk_credits_equal_the_ledger_entry_after_a_fallback(
     assert before.available_micro - after.available_micro == expected
 
 
-def _late_ending_upstream(peers: list[Any]) -> web.Application:
-    """An OpenAI upstream whose stream ends a moment after [DONE] (as a real one can: the
-    chunked body's end in a later packet); it notes the caller's address per request."""
+def _ending_upstream(peers: list[Any], end_after_s: float) -> web.Application:
+    """An OpenAI upstream whose stream ends `end_after_s` after [DONE] (as a real one can: the
+    chunked body's end in a later packet), or with it; it notes the caller's address."""
 
     async def chat(request: web.Request) -> web.StreamResponse:
         peers.append(request.transport.get_extra_info("peername") if request.transport else None)
@@ -354,8 +354,11 @@ def _late_ending_upstream(peers: list[Any]) -> web.Application:
         usage = {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": 1, "total_tokens": 0}
         for event in ({**base, "choices": [delta]}, {**base, "choices": [], "usage": usage}):
             await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        if not end_after_s:  # [DONE] and the body's end in one packet
+            await response.write_eof(b"data: [DONE]\n\n")
+            return response
         await response.write(b"data: [DONE]\n\n")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(end_after_s)
         await response.write_eof()
         return response
 
@@ -364,14 +367,15 @@ def _late_ending_upstream(peers: list[Any]) -> web.Application:
     return app
 
 
+@pytest.mark.parametrize("end_after_s", [0.0, 0.05])
 async def test_streams_reuse_the_upstream_connection(
-    database_url: str, redis_url: str, test_config: Config, pool: asyncpg.Pool
+    database_url: str, redis_url: str, test_config: Config, pool: asyncpg.Pool, end_after_s: float
 ) -> None:
     """Streams one after another travel on one pooled upstream connection: the end of the
     body after [DONE] is read, so the connection is kept rather than closed (against a real
     provider a new one costs a TLS handshake)."""
     peers: list[Any] = []
-    fake = await start(_late_ending_upstream(peers))
+    fake = await start(_ending_upstream(peers, end_after_s))
     app = create_app(
         pointed_at(test_config, Upstream(str(fake.make_url("")).rstrip("/"), [])),
         database_url=database_url,

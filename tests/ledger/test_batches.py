@@ -1,6 +1,6 @@
-"""Holds and settlements in batches (sql/0007_credit_batches.up.sql): one statement per batch,
-each item's outcome its own and equal to the single operation's; migrations 0007/0008 down and
-up. GroupCommit, which batches concurrent callers, is tested in test_group_commit.py."""
+"""Holds and settlements in batches (sql/0007_credit_batches.up.sql, 0011): one statement per
+batch, each item's outcome its own and equal to the single operation's; migrations 0007 to 0011
+down and up. GroupCommit, which batches concurrent callers, is tested in test_group_commit.py."""
 
 from __future__ import annotations
 
@@ -69,6 +69,19 @@ def _shape(outcome: Reservation | LedgerError) -> tuple[object, ...]:
     return (type(outcome), str(outcome))
 
 
+async def _described(conn: Conn, org: uuid.UUID) -> dict[str, tuple[str | None, ...]]:
+    """An organization's holds by key: capability, quality level, model, request id."""
+    rows = await conn.fetch(
+        """SELECT r.idempotency_key, c.unique_name, q.unique_name, r.model, r.request_id
+             FROM credit_reservations r
+             LEFT JOIN ai_capabilities c ON c.id = r.ai_capability_id
+             LEFT JOIN quality_levels q ON q.id = r.quality_level_id
+            WHERE r.organization_id = $1""",
+        org,
+    )
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
 def _mixed_holds(pro: uuid.UUID, free: uuid.UUID, missing: uuid.UUID) -> list[HoldRequest]:
     return [
         HoldRequest(pro, "a1", 100 * CREDIT, 100 * CREDIT, 600, "question_generation", "fast",
@@ -127,17 +140,8 @@ async def test_mixed_reserve_batch_gives_each_item_its_own_outcome(pool: asyncpg
     # the refusal is remembered; nothing is written for the failed items
     refusal = await reservation_row(pool, free.id, "b-big")
     assert (refusal["status"], refusal["amount_micro"]) == ("rejected", 0)
-    stored = await pool.fetchrow(
-        """SELECT c.unique_name AS capability, q.unique_name AS quality, r.model, r.request_id
-             FROM credit_reservations r
-             LEFT JOIN ai_capabilities c ON c.id = r.ai_capability_id
-             LEFT JOIN quality_levels q ON q.id = r.quality_level_id
-            WHERE r.id = $1""",
-        a1.id,
-    )
-    assert stored is not None
-    assert dict(stored) == {"capability": "question_generation", "quality": "fast",
-                            "model": "gpt-4o-mini", "request_id": "req-a1"}  # fmt: skip
+    stored = (await _described(pool, pro.id))["a1"]
+    assert stored == ("question_generation", "fast", "gpt-4o-mini", "req-a1")
     for key in ("cap", "bad"):
         assert (
             await pool.fetchval(
@@ -182,6 +186,68 @@ async def test_holds_in_a_batch_see_the_earlier_items(pool: asyncpg.Pool) -> Non
     status = {row["idempotency_key"]: row["status"] for row in rows}
     assert [status[r.key] for r in requests] == ["pending"] * 6 + ["rejected"] * 2 + ["pending"]
     assert (await balances.get_balance(pool, org.id)).reserved_credits_micro == 20 * CREDIT
+
+
+async def test_a_batch_names_each_hold_its_own_capability_and_quality(pool: asyncpg.Pool) -> None:
+    """The batch looks each name up once and reuses it while the items repeat it; an item
+    without one, or with an unknown one, changes nothing for the items after it."""
+    org = await new_org(pool, "pro")
+    names = [
+        ("question_generation", "fast"),
+        (None, None),
+        ("question_generation", "fast"),
+        ("no_such_thing", "fast"),
+        ("question_generation", "enhanced"),
+        ("question_generation", "no_such_level"),
+        ("question_generation", "enhanced"),
+        ("testimonial_assembly", None),
+        (None, "fast"),
+        ("testimonial_assembly", "fast"),
+    ]
+    requests = [
+        HoldRequest(org.id, f"n{i}", 1, 1, TTL_S, capability=c, quality=q)
+        for i, (c, q) in enumerate(names)
+    ]
+    results = await reservations.reserve_batch(pool, requests)
+
+    unknown = {3: "unknown capability no_such_thing", 5: "unknown quality level no_such_level"}
+    for i, outcome in enumerate(results):
+        if i in unknown:
+            assert isinstance(outcome, UnknownCatalogEntry) and str(outcome) == unknown[i]
+        else:
+            assert isinstance(outcome, Reservation) and not outcome.replayed
+    stored = {key: (c, q) for key, (c, q, _, _) in (await _described(pool, org.id)).items()}
+    assert stored == {f"n{i}": pair for i, pair in enumerate(names) if i not in unknown}
+
+
+async def test_a_batch_replays_the_holds_taken_before_it(pool: asyncpg.Pool) -> None:
+    org, twin = await new_org(pool, "pro"), await new_org(pool, "pro")
+    before = await hold(pool, org.id, "old", 2 * CREDIT, 3 * CREDIT)
+    await hold(pool, twin.id, "old", 2 * CREDIT, 3 * CREDIT)
+    for o in (org, twin):
+        await hold(pool, o.id, "other", CREDIT, CREDIT)
+
+    def requests(o: uuid.UUID) -> list[HoldRequest]:
+        return [
+            HoldRequest(o, "new", CREDIT, CREDIT, TTL_S),
+            HoldRequest(o, "old", 2 * CREDIT, 3 * CREDIT, TTL_S),  # the same: replayed
+            HoldRequest(o, "other", 5 * CREDIT, 5 * CREDIT, TTL_S),  # different: refused
+            HoldRequest(o, "old", 2 * CREDIT, 3 * CREDIT, TTL_S),  # again
+        ]
+
+    results = await reservations.reserve_batch(pool, requests(org.id))
+    singles = [await _alone(pool, r) for r in requests(twin.id)]
+
+    assert [_shape(r) for r in results] == [_shape(r) for r in singles]
+    new, old, other, again = results
+    assert isinstance(new, Reservation) and not new.replayed
+    assert isinstance(other, IdempotencyConflict)
+    for replay in (old, again):
+        assert isinstance(replay, Reservation) and replay.replayed
+        assert (replay.id, replay.status, replay.amount_micro, replay.expires_at) == (
+            before.id, PENDING, 3 * CREDIT, before.expires_at)  # fmt: skip
+    balance = await balances.get_balance(pool, org.id)
+    assert balance.reserved_credits_micro == 5 * CREDIT  # old 3, other 1, new 1
 
 
 async def test_mixed_settle_batch_gives_each_item_its_own_outcome(pool: asyncpg.Pool) -> None:
@@ -357,20 +423,21 @@ async def _single_operations_work(conn: asyncpg.Connection, tag: str) -> None:
         await reservations.settle(conn, org.id, held.id, -1)
 
 
-async def test_migrations_0007_to_0010_down_and_up_keep_the_single_operations(
+async def test_migrations_0007_to_0011_down_and_up_keep_the_single_operations(
     empty_db: asyncpg.Connection, config: Config
 ) -> None:
     await migrations.up(empty_db)
     await catalog_sync.seed(empty_db, config)
     assert await _has_batches(empty_db)
-    # 0010 (the rules), 0009 (credit_store_balance in PL/pgSQL), 0008 (the check), then 0007
-    rolled_back = await migrations.down(empty_db, 4)
-    assert [m.version for m in rolled_back] == [10, 9, 8, 7]
+    # 0011 (fewer statements), 0010 (the rules), 0009 (credit_store_balance in PL/pgSQL),
+    # 0008 (the check), then 0007
+    rolled_back = await migrations.down(empty_db, 5)
+    assert [m.version for m in rolled_back] == [11, 10, 9, 8, 7]
     assert not await _has_batches(empty_db)
     await _single_operations_work(empty_db, "down")  # the 0004 functions are back
 
     applied = await migrations.up(empty_db)
-    assert [m.version for m in applied] == [7, 8, 9, 10]
+    assert [m.version for m in applied] == [7, 8, 9, 10, 11]
     assert await _has_batches(empty_db)
     await _single_operations_work(empty_db, "up")
     org = await new_org(empty_db, "free")
