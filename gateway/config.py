@@ -26,6 +26,9 @@ class ServerSettings(Frozen):
     db_pool_max: int = Field(default=10, ge=1)
     ledger_batch_max: int = Field(default=32, ge=1, le=1000)  # holds or settlements per commit
     ledger_batches_in_flight: int = Field(default=2, ge=1)  # per kind, each on a connection
+    # poll the event loop for up to this long while a ledger or Redis round trip is in
+    # flight, instead of sleeping until the reply (gateway/polling.py); 0: never
+    poll_round_trips_us: int = Field(default=2000, ge=0, le=1_000_000)
     shutdown_timeout_s: float = Field(default=30, ge=0)
 
 

@@ -219,19 +219,19 @@ async def reserve(
 ) -> Reservation:
     """The hold for one call, keyed by its request id (all its attempts share it)."""
     minimum, requested = bounds
-    return await services.ledger.reserve(
-        HoldRequest(
-            principal.organization_id,
-            request_id,
-            minimum_micro=minimum,
-            requested_micro=requested,
-            ttl_s=services.config.credits.reservation_ttl_s,
-            capability=route.capability,
-            quality=route.quality,
-            model=route.models[0],
-            request_id=request_id,
-        )
+    request = HoldRequest(
+        principal.organization_id,
+        request_id,
+        minimum_micro=minimum,
+        requested_micro=requested,
+        ttl_s=services.config.credits.reservation_ttl_s,
+        capability=route.capability,
+        quality=route.quality,
+        model=route.models[0],
+        request_id=request_id,
     )
+    with services.poller.waiting():
+        return await services.ledger.reserve(request)
 
 
 async def settle(services: Services, call: Call, attempt: Attempt, usage: Usage) -> Settlement:
@@ -252,9 +252,9 @@ async def settle(services: Services, call: Call, attempt: Attempt, usage: Usage)
         estimated_micro=None if estimate is None else credits_to_micro(estimate),
     )
     charge = charge_micro(attempt.rate, usage.prompt_tokens, usage.completion_tokens)
-    return await services.ledger.settle(
-        SettleRequest(call.principal.organization_id, call.reservation.id, charge, snapshot)
-    )
+    request = SettleRequest(call.principal.organization_id, call.reservation.id, charge, snapshot)
+    with services.poller.waiting():
+        return await services.ledger.settle(request)
 
 
 async def release(services: Services, call: Call, reason: str) -> None:

@@ -20,6 +20,7 @@ from gateway.auth import Principal
 from gateway.config import Config, RedisErrorPolicy
 from gateway.errors import RateLimiterUnavailable
 from gateway.metrics import Metrics
+from gateway.polling import Poller
 from policies.access import Route
 from policies.errors import RateLimitExceeded
 from policies.rate_limit import SlidingWindowLimiter
@@ -40,18 +41,24 @@ class Decision:
 
 
 class RateLimiter:
-    def __init__(self, limiter: SlidingWindowLimiter, config: Config, metrics: Metrics) -> None:
+    def __init__(
+        self, limiter: SlidingWindowLimiter, config: Config, metrics: Metrics, poller: Poller
+    ) -> None:
         self._limiter = limiter
+        self._poller = poller
         self._config = config
         self._metrics = metrics
         self._last_error_log = 0.0
 
     async def consume(self, principal: Principal, route: Route) -> Decision:
         plan_cap = self._config.plans[route.plan].capabilities[route.capability]
+        if plan_cap.rpm is None and plan_cap.rpd is None:
+            return Decision()  # no limit: nothing to count, no round trip
         try:
-            admission = await self._limiter.admit(
-                principal.organization_id, route.capability, rpm=plan_cap.rpm, rpd=plan_cap.rpd
-            )
+            with self._poller.waiting():
+                admission = await self._limiter.admit(
+                    principal.organization_id, route.capability, rpm=plan_cap.rpm, rpd=plan_cap.rpd
+                )
         except RateLimitExceeded as exc:
             self._metrics.rate_limited.labels(route.capability, exc.window).inc()
             raise

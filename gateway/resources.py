@@ -19,6 +19,7 @@ from gateway.billing import stripe_api
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.notifications import Notifier
+from gateway.polling import Poller
 from gateway.ratelimit import RateLimiter
 from gateway.services import Services
 from gateway.upstream.base import Target, UpstreamClient
@@ -161,6 +162,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         ProviderKind.ANTHROPIC: translated,
         ProviderKind.GEMINI: translated,
     }
+    poller = Poller(config.server.poll_round_trips_us / 1_000_000)
     batch_sizes = app[METRICS].ledger_batch_size
     ledger = GroupCommit(
         app[DB_POOL],
@@ -172,6 +174,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         config=config,
         pool=app[DB_POOL],
         ledger=ledger,
+        poller=poller,
         keys=KeyCache(),
         clients=clients,
         targets=_targets(config, app[PROVIDER_BASES], app[SANDBOX]),
@@ -180,6 +183,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
             SlidingWindowLimiter(app[REDIS], prefix=config.rate_limits.key_prefix),
             config,
             app[METRICS],
+            poller,
         ),
         notifier=Notifier(config.credits.low_balance_ratio, app[METRICS]),
         metrics=app[METRICS],

@@ -12,6 +12,7 @@ from gateway.billing import StripeApi
 from gateway.config import Config
 from gateway.metrics import Metrics
 from gateway.notifications import Notifier
+from gateway.polling import Poller
 from gateway.ratelimit import RateLimiter
 from gateway.upstream.base import Target, UpstreamClient
 from ledger.group import GroupCommit
@@ -24,6 +25,7 @@ class Services:
     config: Config
     pool: asyncpg.Pool
     ledger: GroupCommit  # holds and settlements, batched
+    poller: Poller  # waits on the ledger and Redis, polled (gateway/polling.py)
     keys: KeyCache
     clients: Mapping[ProviderKind, UpstreamClient]
     targets: Mapping[str, Target]  # catalog model name -> where to call it
