@@ -1,16 +1,22 @@
 """LiteLLM for ``bench.proxy``: its virtualenv (installed the first time), its
-configuration aimed at the fake upstream, and its environment."""
+configuration aimed at the fake upstream, its environment, and the server itself."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import yaml
 
 from bench._fake import MODEL
+from bench._load import Endpoint, first_success
+from bench._servers import Child, spawned
+from tests.processes import free_port
 
 INSTALL_TIMEOUT_S = 1200.0
 
@@ -65,3 +71,26 @@ def litellm_env(master_key: str) -> dict[str, str]:
         "LITELLM_LOG": "ERROR",
         "LITELLM_MASTER_KEY": master_key,  # it refuses to start without one
     }
+
+
+@contextlib.asynccontextmanager
+async def litellm_served(
+    bin_dir: Path, home: Path, fake_base: str, start_timeout_s: float
+) -> AsyncIterator[tuple[Endpoint, Child, float] | None]:
+    """The LiteLLM proxy aimed at the fake (its default single process, checking a master
+    key): its endpoint, process and seconds from spawn to its first good answer; None if it
+    did not start."""
+    port = free_port()
+    argv = [str(bin_dir / "litellm"), "--config", str(litellm_config(home, fake_base))]
+    argv += ["--host", "127.0.0.1", "--port", str(port)]
+    key = f"sk-{secrets.token_hex(32)}"
+    endpoint = Endpoint("litellm", f"http://127.0.0.1:{port}/v1/chat/completions", key)
+    with spawned("litellm", argv, litellm_env(key), home / "litellm.log") as child:
+        endpoint.pid = child.process.pid
+        try:
+            started_s = await first_success(endpoint, child, start_timeout_s)
+        except RuntimeError as exc:
+            print(f"LiteLLM skipped: it did not start: {exc}")
+            yield None
+            return
+        yield endpoint, child, started_s

@@ -20,7 +20,10 @@ Targets, measured in one run:
   far as its own migrations go);
 * litellm: the LiteLLM proxy (``litellm[proxy]`` from PyPI, in its own virtualenv under
   ``.gateway/bench-litellm-venv``, its default single process, no database, checking a
-  master key, ``LITELLM_LOG=ERROR``).
+  master key, ``LITELLM_LOG=ERROR``), served beside the gateways and taking its turns with
+  the first group of them, so that the throughput ratios compare parts measured moments
+  apart (a speed drift of this shared machine between two phases of the run would
+  otherwise land on the ratio).
 
 The same request (``gpt-4o-mini``, ``max_tokens`` 16) goes to every target, non-streaming
 ("plain") and streaming with ``include_usage`` ("stream"), at each ``--concurrency`` (closed
@@ -78,7 +81,7 @@ from pathlib import Path
 import asyncpg
 
 from bench._cli import event_loop, new_parser, positive_list, run_main
-from bench._litellm import ensure_litellm, litellm_config, litellm_env
+from bench._litellm import ensure_litellm, litellm_served
 from bench._load import (
     Endpoint,
     first_success,
@@ -219,7 +222,10 @@ async def gateway(
         out.failures += failures
 
 
-async def run_gateways(args: argparse.Namespace, home: Path, fake: str, out: Outcome) -> None:
+async def run_gateways(
+    args: argparse.Namespace, home: Path, fake: str, out: Outcome, others: Sequence[Endpoint]
+) -> None:
+    """The gateway configurations; `others` (LiteLLM) take their turns in the first group."""
     async with postgres_server(home) as (postgres_url, where):
         out.notes.append(f"gateway database: {where}, a database per configuration")
         out.notes.append(await postgres_settings(postgres_url))
@@ -231,7 +237,7 @@ async def run_gateways(args: argparse.Namespace, home: Path, fake: str, out: Out
             with baseline_checkout(args.baseline, home) as source:
                 if source is not None:
                     setups.append(Setup("baseline w1", 1, source=source))
-                await run_group(setups, (False, True), args, svc, out)
+                await run_group(setups, (False, True), args, svc, out, others)
             out.gateways += [setup.name for setup in setups]
             if args.limits:
                 limits = [Setup("limits off", 1), Setup("limits on", 1, limits=True)]
@@ -272,37 +278,17 @@ async def run_group(
     args: argparse.Namespace,
     svc: Services,
     out: Outcome,
+    others: Sequence[Endpoint] = (),
 ) -> None:
-    """The setups served at once (the idle ones waiting) and measured in turns; the memory
-    of each after the group's load. Started last to first, so they are checked in order."""
+    """The setups served at once (the idle ones waiting) and measured in turns, `others`
+    taking theirs after them; the memory of each after the group's load. Started last to
+    first, so they are checked in order."""
     async with contextlib.AsyncExitStack() as stack:
         served = [await stack.enter_async_context(gateway(s, svc, out)) for s in setups[::-1]]
         served.reverse()
-        await load([endpoint for endpoint, _ in served], streams, args, out)
+        await load([endpoint for endpoint, _ in served] + list(others), streams, args, out)
         for setup, (_, child) in zip(setups, served, strict=True):
             out.memory[setup.name] = tree_memory(child.process.pid)
-
-
-# --- LiteLLM ------------------------------------------------------------------------------
-
-
-async def run_litellm(
-    args: argparse.Namespace, home: Path, fake: str, bin_dir: Path, out: Outcome
-) -> None:
-    port = free_port()
-    argv = [str(bin_dir / "litellm"), "--config", str(litellm_config(home, fake))]
-    argv += ["--host", "127.0.0.1", "--port", str(port)]
-    key = f"sk-{secrets.token_hex(32)}"
-    endpoint = Endpoint("litellm", f"http://127.0.0.1:{port}/v1/chat/completions", key)
-    with spawned("litellm", argv, litellm_env(key), home / "litellm.log") as child:
-        endpoint.pid = child.process.pid
-        try:
-            out.startup_s["litellm"] = await first_success(endpoint, child, START_TIMEOUT_S)
-        except RuntimeError as exc:
-            print(f"LiteLLM skipped: it did not start: {exc}")
-            return
-        await load([endpoint], (False, True), args, out)
-        out.memory["litellm"] = tree_memory(child.process.pid)
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -347,9 +333,17 @@ async def run(args: argparse.Namespace) -> int:
                 "direct", fake + "/chat/completions", "sk-direct", pid=child.process.pid
             )
             await load([direct], (False, True), args, out)
-            await run_gateways(args, home, fake, out)
-            if litellm:
-                await run_litellm(args, home, fake, litellm[0], out)
+            async with contextlib.AsyncExitStack() as stack:
+                served = None
+                if litellm:
+                    served = await stack.enter_async_context(
+                        litellm_served(litellm[0], home, fake, START_TIMEOUT_S)
+                    )
+                if served is not None:
+                    out.startup_s["litellm"] = served[2]
+                await run_gateways(args, home, fake, out, [served[0]] if served else [])
+                if served is not None:
+                    out.memory["litellm"] = tree_memory(served[1].process.pid)
     print_report(args, out, time.monotonic() - started)
     return 0 if not out.failures else 1
 
