@@ -36,7 +36,8 @@ async def first_answer(
             services.metrics.fallbacks.inc()
         started = time.perf_counter()
         try:
-            result = await start(attempt)
+            with services.upstream_poller.waiting():
+                result = await start(attempt)
         except UpstreamError as exc:
             note_failure(services, call, attempt, exc, started)
             if not exc.retryable:

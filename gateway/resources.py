@@ -175,6 +175,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         pool=app[DB_POOL],
         ledger=ledger,
         poller=poller,
+        upstream_poller=Poller(config.server.poll_round_trips_us / 1_000_000),
         keys=KeyCache(),
         clients=clients,
         targets=_targets(config, app[PROVIDER_BASES], app[SANDBOX]),

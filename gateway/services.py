@@ -26,6 +26,7 @@ class Services:
     pool: asyncpg.Pool
     ledger: GroupCommit  # holds and settlements, batched
     poller: Poller  # waits on the ledger and Redis, polled (gateway/polling.py)
+    upstream_poller: Poller  # waits for an upstream's first byte (polled only if short)
     keys: KeyCache
     clients: Mapping[ProviderKind, UpstreamClient]
     targets: Mapping[str, Target]  # catalog model name -> where to call it

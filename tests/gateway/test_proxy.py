@@ -12,6 +12,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from gateway.resources import SERVICES
 from ledger import balances, transactions
 from ledger.transactions import TransactionType
 from policies.pricing import Rate, charge_micro, credits_text
@@ -57,6 +58,21 @@ async def test_chat_completion_is_charged_exactly(
     sent = upstream.recorded[-1]
     assert sent.headers["authorization"] == "Bearer sk-openai-test"
     assert sent.body["model"] == "gpt-4o-mini" and sent.body["max_tokens"] > 0
+
+
+async def test_the_ledger_and_upstream_waits_go_through_their_pollers(
+    gateway: Gateway, pool: asyncpg.Pool
+) -> None:
+    """Every hold, settlement and first answer is waited on through a Poller
+    (gateway/polling.py), which keeps the running mean of its waits."""
+    services = gateway.app[SERVICES]
+    assert services.poller.budget_s == services.upstream_poller.budget_s == 0.002
+    before = (services.poller.typical_s, services.upstream_poller.typical_s)
+    org = await new_org(pool)
+    async with client(gateway, org.key) as sdk:
+        await sdk.chat.completions.create(model="auto", messages=MESSAGES)
+    assert services.poller.typical_s != before[0]  # a hold and a settlement were waited on
+    assert services.upstream_poller.typical_s != before[1]
 
 
 async def test_streaming_reports_credits_on_the_usage_chunk(
