@@ -312,7 +312,10 @@ def print_header(args: argparse.Namespace, litellm: str | None) -> None:
         f"{', '.join(map(str, args.concurrency))}; plain and stream (include_usage)"
     )
     print(
-        f"gateway   --workers {', '.join(map(str, args.workers))} served at once, taking turns; "
+        f"gateway   --workers {', '.join(map(str, args.workers))}"
+        + (f" and baseline {args.baseline}" if args.baseline else "")
+        + (" and LiteLLM" if litellm else "")
+        + " served at once, taking turns; "
         + ("then limits off and on (w1, plain) the same way" if args.limits else "no limits run")
     )
 
