@@ -24,8 +24,8 @@ class ServerSettings(Frozen):
     upstream_connect_timeout_s: float = Field(default=5, gt=0)
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=10, ge=1)
-    ledger_batch_max: int = Field(default=32, ge=1, le=1000)  # holds or settlements per commit
-    ledger_batches_in_flight: int = Field(default=2, ge=1)  # per kind, each on a connection
+    ledger_batch_max: int = Field(default=32, ge=1, le=1000)  # holds + settlements per commit
+    ledger_batches_in_flight: int = Field(default=2, ge=1)  # per worker, each on a connection
     # poll the event loop for up to this long while a ledger or Redis round trip is in
     # flight, instead of sleeping until the reply (gateway/polling.py); 0: never
     poll_round_trips_us: int = Field(default=2000, ge=0, le=1_000_000)

@@ -1,5 +1,6 @@
 """Group commit: the holds and settlements a process asks for at about the same time go to
-PostgreSQL together, one statement and one commit per batch (reserve_batch, settle_batch).
+PostgreSQL together, one statement and one commit per batch (reserve_batch, settle_batch,
+and apply_batch for both kinds at once: ledger/batches.py).
 
 Every call of an organization takes its balance row lock, and keeps it until its commit is
 on disk; alone, a busy organization gets one call per commit. Here a call's operation joins
@@ -29,11 +30,12 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import asyncpg
 
-from ledger import reservations
+from ledger import batches, reservations
+from ledger.batches import Operation, Outcome
 from ledger.db import Conn, translated
 from ledger.errors import LedgerError, LedgerUnavailable
 from ledger.reservations import HoldRequest, Reservation, Settlement, SettleRequest
@@ -93,7 +95,7 @@ def _alive(conn: Any) -> bool:
 
 @dataclass
 class _Lane(Generic[Req, Res]):
-    """One kind of operation: its queue and the batches of it in flight."""
+    """A queue of operations and the batches of them in flight."""
 
     name: str
     run_batch: Callable[[Conn, Sequence[Req]], Awaitable[list[Res | LedgerError]]]
@@ -101,12 +103,10 @@ class _Lane(Generic[Req, Res]):
     connections: _Connections
     max_batch: int
     max_inflight: int
-    on_batch: Callable[[str, int], None] | None
+    on_batch: Callable[[Sequence[Req]], None]
     queue: list[tuple[Req, asyncio.Future[Res]]] = field(default_factory=list)
     inflight: set[asyncio.Task[None]] = field(default_factory=set)
     scheduled: bool = False
-    batches: int = 0
-    items: int = 0
 
     def submit(self, request: Req) -> asyncio.Future[Res]:
         loop = asyncio.get_running_loop()
@@ -133,10 +133,7 @@ class _Lane(Generic[Req, Res]):
         self._launch()
 
     async def _run(self, batch: list[tuple[Req, asyncio.Future[Res]]]) -> None:
-        self.batches += 1
-        self.items += len(batch)
-        if self.on_batch is not None:
-            self.on_batch(self.name, len(batch))
+        self.on_batch([request for request, _ in batch])
         try:
             conn = await self.connections.take()
         except Exception as exc:  # no connection: every item fails with the reason
@@ -216,43 +213,37 @@ class GroupCommit:
         max_inflight: int = 2,
         on_batch: Callable[[str, int], None] | None = None,
     ) -> None:
-        """`on_batch(kind, size)` is told of every batch sent ("reserve" or "settle")."""
+        """`on_batch(kind, size)` is told of the holds ("reserve") and the settlements
+        ("settle") of every batch sent."""
         if max_batch < 1 or max_inflight < 1:
             raise ValueError("max_batch and max_inflight must be at least 1")
         self._conn = conn
         self._connections = _Connections(conn, keep=2 * max_inflight)
-        self._reserves: _Lane[HoldRequest, Reservation] = _Lane(
-            "reserve",
-            reservations.reserve_batch,
-            reservations.reserve_request,
+        self._on_batch = on_batch
+        self._sent = {"reserve": [0, 0], "settle": [0, 0]}  # kind: [batches, operations]
+        self._ops: _Lane[Operation, Outcome] = _Lane(
+            "ledger",
+            batches.apply_batch,
+            batches.apply_one,
             self._connections,
             max_batch,
             max_inflight,
-            on_batch,
-        )
-        self._settles: _Lane[SettleRequest, Settlement] = _Lane(
-            "settle",
-            reservations.settle_batch,
-            reservations.settle_request,
-            self._connections,
-            max_batch,
-            max_inflight,
-            on_batch,
+            self._count,
         )
         self._releases: set[asyncio.Task[Any]] = set()  # releases in flight, for drain
 
     async def reserve(self, request: HoldRequest) -> Reservation:
         """As `reservations.reserve`."""
-        future = self._reserves.submit(request)
+        future = self._ops.submit(request)
         try:
-            return await asyncio.shield(future)
+            return cast(Reservation, await asyncio.shield(future))
         except asyncio.CancelledError:
             future.add_done_callback(self._release_abandoned)
             raise
 
     async def settle(self, request: SettleRequest) -> Settlement:
         """As `reservations.settle`; the settlement goes ahead if the caller is cancelled."""
-        return await asyncio.shield(self._settles.submit(request))
+        return cast(Settlement, await asyncio.shield(self._ops.submit(request)))
 
     async def release(
         self, organization_id: uuid.UUID, reservation_id: uuid.UUID, reason: str | None = None
@@ -268,12 +259,8 @@ class GroupCommit:
     async def drain(self) -> None:
         """Wait for every queued and in-flight operation (at shutdown, before the pool goes)."""
         while True:
-            pending = [
-                *self._reserves.inflight,
-                *self._settles.inflight,
-                *self._releases,
-            ]
-            queued = self._reserves.queue or self._settles.queue
+            pending = [*self._ops.inflight, *self._releases]
+            queued = self._ops.queue
             if not pending and not queued:
                 await self._connections.close()
                 return
@@ -283,13 +270,25 @@ class GroupCommit:
                 await asyncio.sleep(0)
 
     def stats(self) -> dict[str, tuple[int, int]]:
-        """(batches, operations) sent so far, by kind."""
-        return {lane.name: (lane.batches, lane.items) for lane in (self._reserves, self._settles)}
+        """(batches, operations) sent so far, by kind ("reserve", "settle"); a batch of both
+        counts once for each."""
+        return {kind: (sent[0], sent[1]) for kind, sent in self._sent.items()}
 
-    def _release_abandoned(self, future: asyncio.Future[Reservation]) -> None:
+    def _count(self, requests: Sequence[Operation]) -> None:
+        holds = sum(isinstance(r, HoldRequest) for r in requests)
+        for kind, size in (("reserve", holds), ("settle", len(requests) - holds)):
+            if size:
+                self._sent[kind][0] += 1
+                self._sent[kind][1] += size
+                if self._on_batch is not None:
+                    self._on_batch(kind, size)
+
+    def _release_abandoned(self, future: asyncio.Future[Outcome]) -> None:
         if future.cancelled() or future.exception() is not None:
             return
         hold = future.result()
+        if not isinstance(hold, Reservation):
+            return
         if hold.replayed or hold.status is not reservations.ReservationStatus.PENDING:
             return  # not this caller's to give back
         self._track(asyncio.get_running_loop().create_task(self._release(hold)))

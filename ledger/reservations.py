@@ -145,6 +145,14 @@ async def reserve_batch(
     rows = await fetch(
         conn,
         "SELECT * FROM credit_reserve_batch($1, $2, $3, $4, $5, $6, $7, $8, $9) ORDER BY ord",
+        *hold_arrays(requests),
+    )
+    return [reservation_outcome(r, row) for r, row in zip(requests, rows, strict=True)]
+
+
+def hold_arrays(requests: Sequence[HoldRequest]) -> list[list[Any]]:
+    """The arguments of credit_reserve_batch, in order."""
+    return [
         [r.organization_id for r in requests],
         [r.key for r in requests],
         [r.minimum_micro for r in requests],
@@ -154,11 +162,12 @@ async def reserve_batch(
         [r.quality for r in requests],
         [r.model for r in requests],
         [r.request_id for r in requests],
-    )
-    return [
-        _reservation(r.organization_id, r.minimum_micro, row)
-        for r, row in zip(requests, rows, strict=True)
     ]
+
+
+def reservation_outcome(request: HoldRequest, row: Any) -> Reservation | LedgerError:
+    """One item's row of a batch, as what `reserve` returns or raises for it."""
+    return _reservation(request.organization_id, request.minimum_micro, row)
 
 
 async def settle_batch(
@@ -166,11 +175,19 @@ async def settle_batch(
 ) -> list[Settlement | LedgerError]:
     """Settle many holds in one statement and one commit, in order; each one's outcome is
     what `settle` would return or raise for it alone."""
-    snapshots = [r.snapshot or ChargeSnapshot(model="") for r in requests]
     rows = await fetch(
         conn,
         """SELECT * FROM credit_settle_batch($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
                                              $13) ORDER BY ord""",
+        *settle_arrays(requests),
+    )
+    return [settlement_outcome(row) for row in rows]
+
+
+def settle_arrays(requests: Sequence[SettleRequest]) -> list[list[Any]]:
+    """The arguments of credit_settle_batch, in order."""
+    snapshots = [r.snapshot or ChargeSnapshot(model="") for r in requests]
+    return [
         [r.organization_id for r in requests],
         [r.reservation_id for r in requests],
         [r.charge_micro for r in requests],
@@ -184,8 +201,7 @@ async def settle_batch(
         [s.completion_tokens for s in snapshots],
         [s.estimated_micro for s in snapshots],
         [None if s.metadata is None else json.dumps(s.metadata) for s in snapshots],
-    )
-    return [_settlement(row) for row in rows]
+    ]
 
 
 def _item_error(row: Any) -> LedgerError | None:
@@ -281,10 +297,11 @@ async def settle(
         s.estimated_micro,
         None if s.metadata is None else json.dumps(s.metadata),
     )
-    return _outcome(_settlement(row))
+    return _outcome(settlement_outcome(row))
 
 
-def _settlement(row: Any) -> Settlement | LedgerError:
+def settlement_outcome(row: Any) -> Settlement | LedgerError:
+    """One item's row of a batch, as what `settle` returns or raises for it."""
     error = _item_error(row)
     if error is not None:
         return error

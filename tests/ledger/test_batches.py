@@ -423,21 +423,21 @@ async def _single_operations_work(conn: asyncpg.Connection, tag: str) -> None:
         await reservations.settle(conn, org.id, held.id, -1)
 
 
-async def test_migrations_0007_to_0011_down_and_up_keep_the_single_operations(
+async def test_migrations_0007_to_0012_down_and_up_keep_the_single_operations(
     empty_db: asyncpg.Connection, config: Config
 ) -> None:
     await migrations.up(empty_db)
     await catalog_sync.seed(empty_db, config)
     assert await _has_batches(empty_db)
-    # 0011 (fewer statements), 0010 (the rules), 0009 (credit_store_balance in PL/pgSQL),
-    # 0008 (the check), then 0007
-    rolled_back = await migrations.down(empty_db, 5)
-    assert [m.version for m in rolled_back] == [11, 10, 9, 8, 7]
+    # 0012 (both kinds at once), 0011 (fewer statements), 0010 (the rules), 0009
+    # (credit_store_balance in PL/pgSQL), 0008 (the check), then 0007
+    rolled_back = await migrations.down(empty_db, 6)
+    assert [m.version for m in rolled_back] == [12, 11, 10, 9, 8, 7]
     assert not await _has_batches(empty_db)
     await _single_operations_work(empty_db, "down")  # the 0004 functions are back
 
     applied = await migrations.up(empty_db)
-    assert [m.version for m in applied] == [7, 8, 9, 10, 11]
+    assert [m.version for m in applied] == [7, 8, 9, 10, 11, 12]
     assert await _has_batches(empty_db)
     await _single_operations_work(empty_db, "up")
     org = await new_org(empty_db, "free")

@@ -60,6 +60,8 @@ class RecordingConn:
         self.calls: list[Call] = []
 
     def _name(self, query: str, args: tuple[Any, ...]) -> tuple[str, int]:
+        if "credit_apply_batch" in query:  # settlements' arrays, then the holds' from $14
+            return "credit_apply_batch", len(args[0]) + len(args[13])
         for name in ("credit_reserve_batch", "credit_settle_batch"):
             if name in query:
                 return name, len(args[0])

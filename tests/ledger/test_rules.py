@@ -128,8 +128,8 @@ async def test_every_rule_is_enforced_before_and_after_0010(
     org = (await new_org(empty_db, "pro")).id
     await _assert_rules(empty_db, org)
 
-    rolled_back = await migrations.down(empty_db, 2)  # 0011, then 0010
-    assert [m.version for m in rolled_back] == [11, 10]
+    rolled_back = await migrations.down(empty_db, 3)  # 0012, 0011, then 0010
+    assert [m.version for m in rolled_back] == [12, 11, 10]
     rules = await empty_db.fetchval(
         "SELECT count(*) FROM pg_constraint WHERE conname LIKE '%\\_rules' AND contype = 'c'"
     )
