@@ -162,7 +162,8 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         ProviderKind.ANTHROPIC: translated,
         ProviderKind.GEMINI: translated,
     }
-    poller = Poller(config.server.poll_round_trips_us / 1_000_000)
+    poll_budget_s = config.server.poll_round_trips_us / 1_000_000
+    poller = Poller(poll_budget_s)
     batch_sizes = app[METRICS].ledger_batch_size
     ledger = GroupCommit(
         app[DB_POOL],
@@ -175,7 +176,7 @@ async def services(app: web.Application) -> AsyncIterator[None]:
         pool=app[DB_POOL],
         ledger=ledger,
         poller=poller,
-        upstream_poller=Poller(config.server.poll_round_trips_us / 1_000_000),
+        upstream_poller=Poller(poll_budget_s),
         keys=KeyCache(),
         clients=clients,
         targets=_targets(config, app[PROVIDER_BASES], app[SANDBOX]),

@@ -21,21 +21,17 @@ async def apply_batch(conn: Conn, requests: Sequence[Operation]) -> list[Outcome
     settlements are applied before the holds (their credits come back first)."""
     holds = [(i, r) for i, r in enumerate(requests) if isinstance(r, HoldRequest)]
     settles = [(i, r) for i, r in enumerate(requests) if isinstance(r, SettleRequest)]
-    outcomes: list[Outcome | LedgerError | None] = [None] * len(requests)
     if not settles:
-        found: list[Outcome | LedgerError] = []
-        found += await reservations.reserve_batch(conn, [r for _, r in holds])
-        return found
+        return [*await reservations.reserve_batch(conn, [r for _, r in holds])]
     if not holds:
-        found = []
-        found += await reservations.settle_batch(conn, [r for _, r in settles])
-        return found
+        return [*await reservations.settle_batch(conn, [r for _, r in settles])]
     rows = await fetch(
         conn,
         _APPLY,
         *reservations.settle_arrays([r for _, r in settles]),
         *reservations.hold_arrays([r for _, r in holds]),
     )
+    outcomes: list[Outcome | LedgerError | None] = [None] * len(requests)
     for row in rows:
         if row["kind"] == "settle":
             place, _ = settles[row["ord"] - 1]
